@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "gin-config==0.5.0",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
+    "importlib_resources>=6",  # tensorflow-datasets needs it to locate builders defined here
     "grain==0.2.18",
     "chex==0.1.92",
     "numpy>=2.0,<3",

@@ -1,0 +1,369 @@
+"""A decoder-only transformer of the Llama/Gemma family, as a Flax linen module.
+
+RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional tied
+embeddings; two heads on one backbone (next-token logits, and a scalar reward read at each
+sequence's last real token); incremental decoding with an explicit KV cache.
+
+Parameters are plain pytrees. Every parameter is created with logical axis names (`vocab`,
+`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`) which `warm_jax.sharding` maps onto a
+device mesh.
+
+Masking works on *slots* and *segments*: a query in slot i of segment s attends to keys in slots
+j <= i of the same segment s != 0. Segment 0 is padding. RoPE reads `positions`, which are
+independent of slots, so left-padded prompts and packed documents both rotate correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_ff: int = 192
+    max_len: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose from {sorted(DTYPES)}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@gin.configurable
+def model_config(**overrides: Any) -> TransformerConfig:
+    """The model shape, configured in `gin/models/*.gin` as `model_config.NAME = VALUE`."""
+    return TransformerConfig(**overrides)
+
+
+def count_params(params: PyTree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def _dense_init(fan_in_axes: int = 1):
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(fan_in_axes)), out_axis=-1
+    )
+
+
+def dropout(x: Array, rate: float | Array, rng: Array | None) -> Array:
+    """Inverted dropout whose rate may be a traced value (members of a vmapped ensemble can
+    each use their own rate), unlike `nn.Dropout` whose rate must be static."""
+    if rng is None or (isinstance(rate, (int, float)) and rate == 0.0):
+        return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.uniform(rng, x.shape) < keep
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, base: float) -> Array:
+    """Rotary embedding, rotate-half convention (as in Llama/Gemma's Hugging Face ports):
+    x' = x·cos(pθ) + rotate_half(x)·sin(pθ), θ_i = base^(-2i/d)."""
+    d = x.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array, k_slots: Array) -> Array:
+    """[B, 1, 1, T, S] boolean: same non-padding segment and key slot not after query slot."""
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+    causal = k_slots[:, None, :] <= q_slots[:, :, None]
+    return (same & causal)[:, None, None, :, :]
+
+
+class Attention(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
+        c = self.config
+        dt, pdt = c.compute_dtype, c.params_dtype
+
+        def proj(name, n):
+            w = self.param(
+                name,
+                nn.with_logical_partitioning(
+                    _dense_init(), ("embed", "heads" if n == c.n_heads else "kv_heads", "head_dim")
+                ),
+                (c.d_model, n, c.head_dim),
+                pdt,
+            )
+            return jnp.einsum("btd,dnh->btnh", x, w.astype(dt))
+
+        q = rope(proj("q", c.n_heads), positions, c.rope_base)
+        k = rope(proj("k", c.n_kv_heads), positions, c.rope_base)
+        v = proj("v", c.n_kv_heads)
+
+        new_cache = None
+        if kv_cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(
+                kv_cache["k"], k.astype(kv_cache["k"].dtype), (zero, cache_index, zero, zero)
+            )
+            v_all = jax.lax.dynamic_update_slice(
+                kv_cache["v"], v.astype(kv_cache["v"].dtype), (zero, cache_index, zero, zero)
+            )
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dt), v_all.astype(dt)
+
+        b, t, _, hd = q.shape
+        groups = c.n_heads // c.n_kv_heads
+        q = q.reshape(b, t, c.n_kv_heads, groups, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * (hd**-0.5)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, hd)
+        wo = self.param(
+            "o",
+            nn.with_logical_partitioning(_dense_init(2), ("heads", "head_dim", "embed")),
+            (c.n_heads, c.head_dim, c.d_model),
+            pdt,
+        )
+        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_cache
+
+
+class MLP(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = c.compute_dtype, c.params_dtype
+
+        def w(name, shape, axes):
+            init = nn.with_logical_partitioning(_dense_init(), axes)
+            return self.param(name, init, shape, pdt).astype(dt)
+
+        gate = x @ w("gate", (c.d_model, c.d_ff), ("embed", "mlp"))
+        up = x @ w("up", (c.d_model, c.d_ff), ("embed", "mlp"))
+        return (nn.silu(gate) * up) @ w("down", (c.d_ff, c.d_model), ("mlp", "embed"))
+
+
+class Block(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv_cache, cache_index, dropout_rate, rng):
+        c = self.config
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        h, new_cache = Attention(c, name="attn")(
+            RMSNorm(c.norm_eps, c.params_dtype, name="attn_norm")(x),
+            positions,
+            mask,
+            kv_cache,
+            cache_index,
+        )
+        x = x + dropout(h, dropout_rate, rngs[0])
+        h = MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.params_dtype, name="mlp_norm")(x))
+        x = x + dropout(h, dropout_rate, rngs[1])
+        return x, new_cache
+
+
+def last_token_index(segment_ids: Array) -> Array:
+    """Index of each row's last non-padding token ([B] int32; 0 for an all-padding row)."""
+    t = segment_ids.shape[1]
+    real = segment_ids != 0
+    idx = t - 1 - jnp.argmax(real[:, ::-1], axis=1)
+    return jnp.where(real.any(axis=1), idx, 0).astype(jnp.int32)
+
+
+class Transformer(nn.Module):
+    """`__call__(tokens, positions, segment_ids, ...)` → logits [B,T,V], rewards [B] or hidden.
+
+    With `cache` (from `init_cache`), the tokens are written at slots
+    `cache["index"] : cache["index"] + T` and `(output, new_cache)` is returned.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(
+            c.vocab_size,
+            c.d_model,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            param_dtype=c.params_dtype,
+            dtype=c.compute_dtype,
+        )
+        self.blocks = [Block(c, name=f"block_{i}") for i in range(c.n_layers)]
+        self.final_norm = RMSNorm(c.norm_eps, c.params_dtype)
+        if not c.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
+                (c.d_model, c.vocab_size),
+                c.params_dtype,
+            )
+        self.reward_head = nn.Dense(
+            1,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "unsharded")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("unsharded",)),
+            param_dtype=c.params_dtype,
+            dtype=jnp.float32,
+        )
+
+    def hidden(self, tokens, positions, segment_ids, cache, dropout_rate, deterministic):
+        c = self.config
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed(tokens)
+        if c.embed_scale:
+            x = x * jnp.asarray(c.d_model**0.5, x.dtype)
+        if cache is None:
+            slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = attention_mask(segment_ids, slots, segment_ids, slots)
+            index, new_cache = None, None
+        else:
+            index = cache["index"]
+            s = cache["segment_ids"].shape[1]
+            k_segments = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (jnp.int32(0), index)
+            )
+            q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+            k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            mask = attention_mask(segment_ids, q_slots, k_segments, k_slots)
+            new_cache = {"segment_ids": k_segments, "index": index + t, "layers": []}
+        rng = None if deterministic else self.make_rng("dropout")
+        for i, block in enumerate(self.blocks):
+            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, updated = block(x, positions, mask, layer_cache, index, dropout_rate, layer_rng)
+            if cache is not None:
+                new_cache["layers"].append(updated)
+        return self.final_norm(x), segment_ids, new_cache
+
+    def logits(self, h: Array) -> Array:
+        if self.config.tie_embeddings:
+            return self.embed.attend(h).astype(jnp.float32)
+        return (h @ self.lm_head.astype(h.dtype)).astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        *,
+        cache: PyTree | None = None,
+        output: str = "logits",
+        dropout_rate: float | Array = 0.0,
+        deterministic: bool = True,
+    ):
+        h, segment_ids, new_cache = self.hidden(
+            tokens, positions, segment_ids, cache, dropout_rate, deterministic
+        )
+        # Both heads are always touched so that `init` creates every parameter.
+        if output == "logits" or self.is_initializing():
+            out = self.logits(h)
+        if output == "reward" or self.is_initializing():
+            idx = last_token_index(segment_ids)
+            last = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+            out = self.reward_head(last)[:, 0]
+        if output == "hidden":
+            out = h
+        elif output not in ("logits", "reward"):
+            raise ValueError(f"output={output!r}; choose 'logits', 'reward' or 'hidden'")
+        return out if cache is None else (out, new_cache)
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> PyTree:
+    """An empty KV cache: per-layer K/V buffers [B, S, n_kv_heads, head_dim], slot segments."""
+    dtype = dtype or config.compute_dtype
+    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "layers": [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(config.n_layers)
+        ],
+    }
+
+
+def _dummy_tokens() -> Array:
+    return jnp.zeros((1, 2), jnp.int32)
+
+
+def init_params(config: TransformerConfig, rng: Array) -> PyTree:
+    """Fresh parameters as a plain pytree (logical-axis boxes removed)."""
+    boxed = Transformer(config).init(rng, _dummy_tokens())
+    return nn.meta.unbox(boxed)
+
+
+def param_logical_axes(config: TransformerConfig) -> PyTree:
+    """Tree of `PartitionSpec`s of logical axis names, matching `init_params`'s tree."""
+    boxed = jax.eval_shape(lambda: Transformer(config).init(jax.random.PRNGKey(0), _dummy_tokens()))
+    return nn.get_partition_spec(boxed)
+
+
+def apply(params: PyTree, config: TransformerConfig, tokens: Array, **kwargs) -> Any:
+    """The pure forward pass: `apply(params, config, tokens, positions=..., segment_ids=...,
+    cache=..., output='logits'|'reward'|'hidden', dropout_rate=..., rng=...)`."""
+    rng = kwargs.pop("rng", None)
+    kwargs.setdefault("deterministic", rng is None)
+    rngs = None if rng is None else {"dropout": rng}
+    return Transformer(config).apply(params, tokens, rngs=rngs, **kwargs)

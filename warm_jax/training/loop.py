@@ -1,0 +1,359 @@
+"""The one training loop. Pretraining, SFT and reward-model training differ only in the loss
+function (and data) they pass; everything else — sharded state creation, the jitted step with
+gradient accumulation, Orbax checkpoints with exact resume, evaluation, metrics — lives here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from warm_jax import sharding as shd
+from warm_jax.errors import UserError
+from warm_jax.training.checkpoints import TrainCheckpoints, check_same_structure
+from warm_jax.training.metrics import MetricsWriter, plot_curves, read_jsonl
+
+PyTree = Any
+# loss_fn(params, batch, rng, aux) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array, PyTree], tuple[jax.Array, dict]]
+
+
+class StatefulIterator(Protocol):
+    """A batch iterator whose position can be saved in a checkpoint and restored exactly."""
+
+    def __next__(self) -> Mapping[str, np.ndarray]: ...
+    def get_state(self) -> Mapping: ...
+    def set_state(self, state: Mapping) -> None: ...
+
+
+@gin.configurable
+def make_optimizer(
+    num_steps: int,
+    learning_rate: float = 3e-4,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    end_lr_fraction: float = 0.1,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    clip_norm: float | None = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with warmup then cosine/linear/constant decay, after global-norm clipping."""
+    if learning_rate <= 0:
+        raise UserError(f"make_optimizer.learning_rate must be > 0, got {learning_rate}")
+    warmup_steps = min(warmup_steps, max(num_steps - 1, 0))
+    decay_steps = max(num_steps - warmup_steps, 1)
+    end = learning_rate * end_lr_fraction
+    decays = {
+        "cosine": lambda: optax.cosine_decay_schedule(learning_rate, decay_steps, end_lr_fraction),
+        "linear": lambda: optax.linear_schedule(learning_rate, end, decay_steps),
+        "constant": lambda: optax.constant_schedule(learning_rate),
+    }
+    if schedule not in decays:
+        raise UserError(f"make_optimizer.schedule={schedule!r}; choose from {sorted(decays)}")
+    sched = decays[schedule]()
+    if warmup_steps:
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup_steps), sched], [warmup_steps]
+        )
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts), sched
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: PyTree
+    step: int
+    history: list[dict]
+    workdir: Path
+    resumed_from: int | None
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def make_train_step(
+    loss_fn: LossFn, tx: optax.GradientTransformation, sched: optax.Schedule, accum_steps: int
+) -> Callable:
+    """state, batch, aux -> (state, metrics). With accum_steps > 1 the batch is cut into
+    micro-batches (strided, so each stays split over the data axes) whose gradients are averaged."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_of(params, batch, rng, aux):
+        if accum_steps == 1:
+            (loss, metrics), grads = grad_fn(params, batch, rng, aux)
+            return loss, metrics, grads
+
+        def split(x):
+            x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+            return jnp.moveaxis(x, 1, 0)
+
+        micro = jax.tree.map(split, batch)
+
+        def body(carry, xs):
+            i, mb = xs
+            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), aux)
+            return _tree_add(carry, (loss, metrics, grads)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, aux))
+        (loss_s, metrics_s), grads_s = shapes
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        return jax.tree.map(lambda x: x / accum_steps, total)
+
+    def step(state, batch, aux):
+        rng, step_rng = jax.random.split(state["rng"])
+        loss, metrics, grads = grads_of(state["params"], batch, step_rng, aux)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": sched(state["step"]),
+        }
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "rng": rng,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _put_batch(batch: Mapping, shardings: PyTree) -> dict:
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
+        dict(batch),
+        shardings,
+    )
+
+
+def _first_nonfinite(tree: PyTree) -> str | None:
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not bool(jnp.all(jnp.isfinite(x))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+@gin.configurable(
+    allowlist=[
+        "num_steps",
+        "accum_steps",
+        "checkpoint_every",
+        "max_to_keep",
+        "eval_every",
+        "log_every",
+        "seed",
+        "progress",
+    ]
+)
+def train(
+    loss_fn: LossFn,
+    batches: StatefulIterator,
+    *,
+    workdir: str | os.PathLike,
+    param_axes: PyTree,
+    init_fn: Callable[[jax.Array], PyTree] | None = None,
+    init_params: PyTree | None = None,
+    aux: PyTree = None,
+    eval_fn: Callable[[PyTree], Mapping[str, float]] | None = None,
+    meta: Mapping | None = None,
+    mesh: Mesh | None = None,
+    rules: Any = None,
+    num_steps: int = 100,
+    accum_steps: int = 1,
+    checkpoint_every: int = 50,
+    max_to_keep: int | None = 3,
+    eval_every: int = 0,
+    log_every: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+    on_step: Callable[[int, PyTree], None] | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Trains `params` to minimise `loss_fn` for `num_steps`, resuming from the workdir's latest
+    checkpoint when there is one. Exactly one of `init_fn` (fresh parameters from a key, created
+    directly with their shardings) and `init_params` (e.g. loaded from a checkpoint) is given."""
+    if (init_fn is None) == (init_params is None):
+        raise ValueError("train: give exactly one of init_fn and init_params")
+    for name, value in (("num_steps", num_steps), ("accum_steps", accum_steps)):
+        if value < 1:
+            raise UserError(f"train.{name} must be >= 1, got {value}")
+    workdir = Path(workdir)
+    mesh = mesh or shd.make_mesh()
+    rules = rules or shd.logical_rules()
+    tx, sched = make_optimizer(num_steps)
+
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    shapes = jax.eval_shape(init_fn, init_rng) if init_fn is not None else init_params
+    param_shardings = shd.tree_shardings(param_axes, shapes, mesh, rules)
+
+    ckpts = TrainCheckpoints(workdir, every=checkpoint_every, max_to_keep=max_to_keep)
+    latest = ckpts.latest_step()
+    if latest is not None:
+        # Before any array is created: a workdir of another model stops here, untouched.
+        check_same_structure(shapes, ckpts.saved_params_shapes(latest), where=str(workdir))
+
+    with jax.set_mesh(mesh):
+        if init_fn is not None:
+            params = jax.jit(init_fn, out_shardings=param_shardings)(init_rng)
+        else:
+            params = jax.device_put(init_params, param_shardings)
+        opt_state = jax.jit(tx.init)(params)
+    repl = shd.replicated(mesh)
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.device_put(state_rng, repl),
+    }
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    start = 0
+    if latest is not None:
+        abstract = _abstract(state)
+        restored = ckpts.restore(
+            latest,
+            params=abstract["params"],
+            train={k: abstract[k] for k in ("step", "opt_state", "rng")},
+        )
+        state = {"params": restored["params"], **restored["train"]}
+        batches.set_state(restored["data"])
+        start = int(state["step"])
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "operative_config.gin").write_text(gin.config_str())
+    writer = MetricsWriter(workdir, start_step=start)
+    step_fn = jax.jit(
+        make_train_step(loss_fn, tx, sched, accum_steps),
+        in_shardings=(state_shardings, None, None),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
+    meta = {"description": description, **(meta or {})}
+    batch_shardings = None
+    window: list[dict] = []
+    bar = tqdm(
+        total=num_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True
+    )
+    try:
+        for step in range(start + 1, num_steps + 1):
+            batch = next(batches)
+            if batch_shardings is None:
+                size = len(next(iter(batch.values())))
+                shd.check_batch_divisible(size, mesh, rules, "batch size")
+                if size % accum_steps:
+                    raise UserError(
+                        f"batch size {size} is not divisible by train.accum_steps={accum_steps}"
+                    )
+                shd.check_batch_divisible(size // accum_steps, mesh, rules, "micro-batch size")
+                batch_shardings = shd.batch_shardings(batch, mesh, rules)
+            with jax.set_mesh(mesh):
+                state, metrics = step_fn(state, _put_batch(batch, batch_shardings), aux)
+            window.append(metrics)
+            if not np.isfinite(float(metrics["loss"])):
+                culprit = _first_nonfinite(state["params"]) or "(parameters finite)"
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}; first non-finite parameter: {culprit}. "
+                    f"The last good checkpoint is in {ckpts.directory}"
+                )
+            if on_step is not None:
+                on_step(step, state["params"])
+            if step % log_every == 0 or step == num_steps:
+                host = jax.device_get(window)
+                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                window = []
+                writer.write(step, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if eval_fn is not None and (
+                (eval_every and step % eval_every == 0) or step == num_steps
+            ):
+                writer.write(step, {f"eval/{k}": v for k, v in eval_fn(state["params"]).items()})
+            ckpts.save(
+                step,
+                params=state["params"],
+                train={k: state[k] for k in ("step", "opt_state", "rng")},
+                data_state=batches.get_state(),
+                meta={**meta, "step": step},
+                force=step == num_steps,
+            )
+            bar.update(1)
+        ckpts.wait()
+    finally:
+        bar.close()
+        writer.close()
+        ckpts.close()
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str() or gin.config_str())
+    plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", title=description)
+    return TrainResult(
+        params=state["params"],
+        step=int(state["step"]),
+        history=read_jsonl(workdir / "metrics.jsonl"),
+        workdir=workdir,
+        resumed_from=latest,
+    )
+
+
+class ArrayBatches(Iterator):
+    """Batches drawn from in-memory arrays with a seeded per-epoch permutation; its state is the
+    number of batches served, so resuming continues the exact same order. (The data layer's
+    grain pipelines provide the same protocol for datasets on disk.)"""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0):
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        sizes = {len(v) for v in self.arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"arrays have different lengths: { {k: len(v) for k, v in arrays.items()} }"
+            )
+        self.n = sizes.pop()
+        if batch_size > self.n:
+            raise UserError(f"batch size {batch_size} exceeds the {self.n} examples available")
+        self.batch_size, self.seed, self.served = batch_size, seed, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        per_epoch = self.n // self.batch_size
+        epoch, i = divmod(self.served, per_epoch)
+        idx = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        self.served += 1
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def get_state(self) -> dict:
+        return {"served": self.served, "seed": self.seed}
+
+    def set_state(self, state: Mapping) -> None:
+        self.served = int(state["served"])
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically (temp file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, p)
