@@ -1,0 +1,30 @@
+"""Small shared fixtures for the tests: a tiny model and learnable toy token data."""
+
+import numpy as np
+
+from warm_jax.models import transformer as tm
+from warm_jax.training import lm
+
+TINY = tm.TransformerConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
+
+
+def toy_lm_data(n: int = 64, length: int = 16, seed: int = 0) -> dict:
+    """Token rows where every odd token is its predecessor + 1: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(1, TINY.vocab_size, (n, length)).astype(np.int32)
+    toks[:, 1::2] = toks[:, 0::2] % (TINY.vocab_size - 1) + 1
+    return {"tokens": toks, "segment_ids": np.ones_like(toks)}
+
+
+def tiny_train_kwargs(config=TINY) -> dict:
+    return {
+        "param_axes": tm.param_logical_axes(config),
+        "init_fn": lambda k: tm.init_params(config, k),
+        "progress": False,
+    }
+
+
+def tiny_loss(config=TINY):
+    return lm.lm_loss_fn(config)
