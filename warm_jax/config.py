@@ -7,6 +7,7 @@ registered, so `parse` imports every module that declares configurables before p
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,20 @@ CONFIGURABLE_MODULES = (
     "warm_jax.sharding",
     "warm_jax.training.loop",
     "warm_jax.experiments.pretrain",
+    "warm_jax.experiments.quickstart",
+    "warm_jax.policy.sampling",
 )
+
+
+class _QuietSearchMisses(logging.Filter):
+    """Gin logs an ERROR for every search path an `include` does not match before it finds the
+    file in the next one; those misses are not errors for us (a real miss raises)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Path not found:")
+
+
+logging.getLogger().addFilter(_QuietSearchMisses())
 
 
 def gin_dirs() -> list[Path]:

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 from warm_jax.models import transformer as tm
 
 
-def next_token_nll(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def next_token_nll(
+    logits: jax.Array, batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood −log p(x_{t+1} | x_{≤t}) and its weight mask.
 
     A target counts when it continues the same non-padding segment as its context, and (if the
