@@ -252,7 +252,7 @@ def train(
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
     )
-    meta = {"description": description, **(meta or {})}
+    meta = {"description": description, "gin": gin.config_str(), **(meta or {})}
     batch_shardings = None
     window: list[dict] = []
     bar = tqdm(
