@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import TINY, tiny_loss, tiny_train_kwargs, toy_lm_data
+
 from warm_jax import sharding as shd
 from warm_jax.errors import UserError
 from warm_jax.models import transformer as tm
@@ -82,7 +82,9 @@ def test_workdir_of_another_model_shape_stops_before_training(tmp_path):
     _train(tmp_path, num_steps=2)
     before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     other = tm.TransformerConfig(**{**TINY.to_dict(), "d_model": 48})
-    with pytest.raises(UserError, match=r"has shape \(32, 2, 8\) but the model expects \(48, 2, 8\)"):
+    with pytest.raises(
+        UserError, match=r"has shape \(32, 2, 8\) but the model expects \(48, 2, 8\)"
+    ):
         _train(tmp_path, num_steps=4, loss_fn=tiny_loss(other), **tiny_train_kwargs(other))
     after = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     assert before == after
@@ -127,4 +129,5 @@ def test_array_batches_resume_exactly():
     c = loop.ArrayBatches(data, 3, seed=1)
     c.set_state(json.loads(json.dumps(b.get_state())))
     assert [next(c)["x"].tolist() for _ in range(3)] == seq[4:]
-    assert sorted(sum(seq[:3], [])) == sorted(set(sum(seq[:3], [])))  # no repeats in an epoch
+    first_epoch = [x for batch in seq[:3] for x in batch]
+    assert len(first_epoch) == len(set(first_epoch)) == 9  # no repeats within an epoch

@@ -3,9 +3,9 @@
 import chex
 import jax
 import pytest
+from helpers import TINY, tiny_loss, tiny_train_kwargs, toy_lm_data
 from jax.sharding import PartitionSpec as P
 
-from helpers import TINY, tiny_loss, tiny_train_kwargs, toy_lm_data
 from warm_jax import sharding as shd
 from warm_jax.errors import UserError
 from warm_jax.models import transformer as tm

@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "run the end-to-end default job on the built-in task (what `make quickstart` runs)",
     ),
     "pretrain": ("warm_jax.experiments.pretrain", "pretrain a language model (next-token loss)"),
+    "sft": (
+        "warm_jax.experiments.sft",
+        "supervised fine-tuning: next-token loss on the response tokens only",
+    ),
     "data": ("warm_jax.data.commands", "prepare and summarise datasets (TFDS, array_record)"),
     "merge": (
         "warm_jax.merging_checkpoints",

@@ -23,6 +23,7 @@ CONFIGURABLE_MODULES = (
     "warm_jax.sharding",
     "warm_jax.training.loop",
     "warm_jax.experiments.pretrain",
+    "warm_jax.experiments.sft",
     "warm_jax.experiments.quickstart",
     "warm_jax.policy.sampling",
 )
