@@ -80,6 +80,7 @@ class TrainResult:
     history: list[dict]
     workdir: Path
     resumed_from: int | None
+    aux: PyTree = None
 
 
 def _tree_add(a, b):
@@ -87,10 +88,16 @@ def _tree_add(a, b):
 
 
 def make_train_step(
-    loss_fn: LossFn, tx: optax.GradientTransformation, sched: optax.Schedule, accum_steps: int
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    sched: optax.Schedule,
+    accum_steps: int,
+    aux_update: Callable[[PyTree, PyTree], PyTree] | None = None,
 ) -> Callable:
     """state, batch, aux -> (state, metrics). With accum_steps > 1 the batch is cut into
-    micro-batches (strided, so each stays split over the data axes) whose gradients are averaged."""
+    micro-batches (strided, so each stays split over the data axes) whose gradients are averaged.
+    With `aux_update`, the auxiliary tree lives in the state (`state["aux"]`, checkpointed) and is
+    updated after every optimizer step as `aux_update(aux, new_params)` (e.g. an EMA anchor)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def grads_of(params, batch, rng, aux):
@@ -117,6 +124,8 @@ def make_train_step(
         return jax.tree.map(lambda x: x / accum_steps, total)
 
     def step(state, batch, aux):
+        if aux_update is not None:
+            aux = state["aux"]
         rng, step_rng = jax.random.split(state["rng"])
         loss, metrics, grads = grads_of(state["params"], batch, step_rng, aux)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -133,6 +142,8 @@ def make_train_step(
             "opt_state": opt_state,
             "rng": rng,
         }
+        if aux_update is not None:
+            new_state["aux"] = aux_update(aux, params)
         return new_state, metrics
 
     return step
@@ -178,6 +189,8 @@ def train(
     init_fn: Callable[[jax.Array], PyTree] | None = None,
     init_params: PyTree | None = None,
     aux: PyTree = None,
+    aux_update: Callable[[PyTree, PyTree], PyTree] | None = None,
+    optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
     eval_fn: Callable[[PyTree], Mapping[str, float]] | None = None,
     meta: Mapping | None = None,
     mesh: Mesh | None = None,
@@ -195,7 +208,11 @@ def train(
 ) -> TrainResult:
     """Trains `params` to minimise `loss_fn` for `num_steps`, resuming from the workdir's latest
     checkpoint when there is one. Exactly one of `init_fn` (fresh parameters from a key, created
-    directly with their shardings) and `init_params` (e.g. loaded from a checkpoint) is given."""
+    directly with their shardings) and `init_params` (e.g. loaded from a checkpoint) is given.
+
+    `aux` is passed to `loss_fn` unchanged (frozen inputs: a reward model, a reference policy);
+    with `aux_update` it becomes trained state instead (see `make_train_step`). `optimizer`
+    replaces the gin-configured `make_optimizer` (e.g. one vmapped over ensemble members)."""
     if (init_fn is None) == (init_params is None):
         raise ValueError("train: give exactly one of init_fn and init_params")
     for name, value in (("num_steps", num_steps), ("accum_steps", accum_steps)):
@@ -204,7 +221,7 @@ def train(
     workdir = Path(workdir)
     mesh = mesh or shd.make_mesh()
     rules = rules or shd.logical_rules()
-    tx, sched = make_optimizer(num_steps)
+    tx, sched = optimizer if optimizer is not None else make_optimizer(num_steps)
 
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     shapes = jax.eval_shape(init_fn, init_rng) if init_fn is not None else init_params
@@ -229,6 +246,20 @@ def train(
         "opt_state": opt_state,
         "rng": jax.device_put(state_rng, repl),
     }
+    if aux_update is not None:
+        # Arrays already placed on this mesh keep their sharding; others are replicated.
+        # The state is donated every step: copy so the caller's arrays (often the very
+        # buffers of the initial parameters, for an anchor) stay valid.
+        placed = jax.tree.map(
+            lambda x: (
+                x
+                if getattr(getattr(x, "sharding", None), "mesh", None) == mesh
+                else jax.device_put(x, repl)
+            ),
+            aux,
+        )
+        state["aux"] = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(placed)
+    train_keys = ("step", "opt_state", "rng") + (("aux",) if aux_update is not None else ())
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     start = 0
@@ -237,7 +268,7 @@ def train(
         restored = ckpts.restore(
             latest,
             params=abstract["params"],
-            train={k: abstract[k] for k in ("step", "opt_state", "rng")},
+            train={k: abstract[k] for k in train_keys},
         )
         state = {"params": restored["params"], **restored["train"]}
         batches.set_state(restored["data"])
@@ -247,7 +278,7 @@ def train(
     (workdir / "operative_config.gin").write_text(gin.config_str())
     writer = MetricsWriter(workdir, start_step=start)
     step_fn = jax.jit(
-        make_train_step(loss_fn, tx, sched, accum_steps),
+        make_train_step(loss_fn, tx, sched, accum_steps, aux_update),
         in_shardings=(state_shardings, None, None),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
@@ -271,7 +302,9 @@ def train(
                 shd.check_batch_divisible(size // accum_steps, mesh, rules, "micro-batch size")
                 batch_shardings = shd.batch_shardings(batch, mesh, rules)
             with jax.set_mesh(mesh):
-                state, metrics = step_fn(state, _put_batch(batch, batch_shardings), aux)
+                state, metrics = step_fn(
+                    state, _put_batch(batch, batch_shardings), None if aux_update else aux
+                )
             window.append(metrics)
             if not np.isfinite(float(metrics["loss"])):
                 culprit = _first_nonfinite(state["params"]) or "(parameters finite)"
@@ -294,7 +327,7 @@ def train(
             ckpts.save(
                 step,
                 params=state["params"],
-                train={k: state[k] for k in ("step", "opt_state", "rng")},
+                train={k: state[k] for k in train_keys},
                 data_state=batches.get_state(),
                 meta={**meta, "step": step},
                 force=step == num_steps,
@@ -313,6 +346,7 @@ def train(
         history=read_jsonl(workdir / "metrics.jsonl"),
         workdir=workdir,
         resumed_from=latest,
+        aux=state.get("aux", aux),
     )
 
 
