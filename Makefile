@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/quickstart
+LINT_PATHS := $(wildcard warm_jax tests benchmarks launch)
 
 .PHONY: quickstart test test-all lint format install install-test clean
 
@@ -25,12 +26,12 @@ quickstart: $(VENV)/.installed
 	$(BIN)/warm-jax quickstart --workdir $(WORKDIR)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check warm_jax tests benchmarks launch
-	$(BIN)/ruff format --check warm_jax tests benchmarks launch
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 format: $(VENV)/.installed-test
-	$(BIN)/ruff format warm_jax tests benchmarks launch
-	$(BIN)/ruff check --fix warm_jax tests benchmarks launch
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
