@@ -71,3 +71,9 @@ def test_missing_or_foreign_directories_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no model weights"):
         ck.load_params(tmp_path / "empty")
+
+
+def test_relative_paths_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ck.save_params("rel/m", _tree())
+    chex.assert_trees_all_equal(ck.load_params("rel/m"), _tree())

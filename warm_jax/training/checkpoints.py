@@ -46,7 +46,7 @@ def _step_dirs(checkpoints: Path) -> list[Path]:
 
 def resolve_params_dir(path: str | os.PathLike) -> Path:
     """The Orbax params tree inside a params checkpoint, a training step, or a training workdir."""
-    p = Path(path)
+    p = Path(path).absolute()  # Orbax refuses relative paths
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
     if _is_orbax_tree(p):
@@ -149,7 +149,7 @@ def commit_directory(tmp: Path, final: Path) -> None:
 
 def save_params(directory: str | os.PathLike, params: Any, metadata: Mapping | None = None) -> Path:
     """Writes a params checkpoint; nothing appears at `directory` until it is complete."""
-    final = Path(directory)
+    final = Path(directory).absolute()
     tmp = atomic_directory(final)
     try:
         ckptr = ocp.StandardCheckpointer()
