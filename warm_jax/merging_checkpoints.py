@@ -1,0 +1,648 @@
+"""Streaming merges of Orbax checkpoints, and the `warm-jax merge` subcommand.
+
+A merge reads its inputs *chunk by chunk*: the parameter tree is cut into chunks of whole layers
+(`chunk_mb` of float32 each) and, for each chunk, the inputs are read one after another and
+folded into a float32 accumulator with the in-memory functions of `warm_jax.merging`:
+
+* average: the running weighted mean μ ← μ + c_m (θ_m - μ), c_m = w_m / Σ_{j≤m} w_j;
+* slerp:   s ← slerp(θ_base, s, θ_m, t = 1/m) (WARP's iterated SLERP; `t` itself when M = 2;
+           one angle per layer or per array, so a chunk never splits a layer);
+* liti:    the slerp above (or the single input), then (1 - η) θ_base + η s.
+
+Every merge is local to a layer (one SLERP angle per leaf or per layer), so the chunked result
+is bit-identical to the in-memory one, and peak memory is the merged model plus a few chunks,
+whatever the number of inputs. Arrays are restored with the shardings given (or onto one
+device), so on a multi-host job each process reads, merges and writes only its own shards.
+
+Nothing appears at the output path until the merged checkpoint is complete: inputs are checked
+(existence, completeness, same tree / shapes / dtypes) before any weight is read, the merge
+happens in memory, and the result is written to a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from warm_jax import merging as mg
+from warm_jax.errors import UserError
+from warm_jax.training import checkpoints as ck
+
+PyTree = Any
+METHODS: tuple[str, ...] = ("average", "slerp", "liti")
+# 64 MB of float32 per chunk: ~20 Orbax reads per SmolLM2-135M-sized input. Larger chunks read
+# a little faster (fewer calls) but raise the peak (measured: 256 MB costs ~120-300 MB more).
+DEFAULT_CHUNK_MB = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One merge input: where it was given, the Orbax params tree it resolves to, its shapes."""
+
+    role: str
+    given: str
+    params_dir: Path
+    shapes: PyTree
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} ({self.given})"
+
+
+def _check_complete(params_dir: Path, label: str) -> None:
+    """Cheap completeness checks that catch interrupted writes and partial copies up front
+    (a truncated data file is still only caught when it is read, before any output exists)."""
+    if "orbax-checkpoint-tmp" in str(params_dir):
+        raise UserError(f"{label}: {params_dir} is an unfinished Orbax temporary directory")
+    process_dirs = sorted(params_dir.glob("ocdbt.process_*"))
+    if process_dirs and not (params_dir / "manifest.ocdbt").is_file():
+        raise UserError(f"{label}: {params_dir} is incomplete (no manifest.ocdbt)")
+    for d in process_dirs:
+        if not (d / "manifest.ocdbt").is_file() or not (d / "d").is_dir():
+            raise UserError(f"{label}: {params_dir} is incomplete ({d.name} has no data)")
+
+
+def open_checkpoint(path: str | os.PathLike, role: str = "input") -> Checkpoint:
+    """Resolves a params checkpoint, training step or training workdir and reads its shapes."""
+    try:
+        params_dir = ck.resolve_params_dir(path)
+        _check_complete(params_dir, f"{role} {path}")
+        shapes = ck.params_shapes(params_dir)
+    except UserError as e:
+        raise UserError(f"{role}: {e}") from None
+    if not jax.tree.leaves(shapes):
+        raise UserError(f"{role}: {params_dir} holds no arrays")
+    return Checkpoint(role, str(path), params_dir.absolute(), shapes)
+
+
+def check_inputs(checkpoints: Sequence[Checkpoint]) -> None:
+    """Every input must have the first one's parameter tree, shapes and dtypes."""
+    try:
+        mg.check_compatible(*[c.shapes for c in checkpoints], names=[c.label for c in checkpoints])
+    except mg.TreeMismatchError as e:
+        raise UserError(f"inputs do not match: {e}") from None
+    first = checkpoints[0]
+    for p, s in zip(mg.leaf_paths(first.shapes), jax.tree.leaves(first.shapes)):
+        if not jax.numpy.issubdtype(s.dtype, jax.numpy.floating):
+            raise UserError(
+                f"{first.label}: parameter {mg.path_str(p)} has dtype {s.dtype}; "
+                "only floating-point parameters can be merged"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked reading
+
+
+def _all_dict_keys(tree: PyTree) -> bool:
+    return all(
+        isinstance(k, jax.tree_util.DictKey)
+        for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+        for k in kp
+    )
+
+
+def plan_chunks(
+    paths: Sequence[mg.KeyPath],
+    shapes: Sequence[jax.ShapeDtypeStruct],
+    groups: Sequence[str],
+    chunk_bytes: int,
+) -> list[list[int]]:
+    """Leaf indices of each chunk: whole groups packed greedily up to `chunk_bytes` of float32
+    (a group larger than that is a chunk of its own), leaves in tree order within a chunk.
+
+    Largest chunk first: the merged output grows as chunks complete, so the biggest working
+    set (often the embedding alone) should meet the smallest output."""
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for idx in members.values():
+        nbytes = sum(4 * int(np.prod(shapes[i].shape)) for i in idx)
+        if current and size + nbytes > chunk_bytes:
+            chunks.append(sorted(current))
+            current, size = [], 0
+        current += idx
+        size += nbytes
+    if current:
+        chunks.append(sorted(current))
+
+    def nbytes(chunk: list[int]) -> int:
+        return sum(int(np.prod(shapes[i].shape)) for i in chunk)
+
+    return sorted(chunks, key=nbytes, reverse=True)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Hands freed heap pages back to the OS. Chunks come and go at the same sizes, and without
+    this glibc keeps the freed pages of every thread's arena, so the peak RSS creeps up with the
+    number of inputs instead of staying flat."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Caps glibc's per-thread malloc arenas (M_ARENA_MAX); Orbax's reader threads otherwise
+    each keep their own fragmented heap. Process-wide, so only the CLI calls it."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-8, n)  # -8 is M_ARENA_MAX in glibc's malloc.h
+
+
+def _nested_set(tree: dict, path: mg.KeyPath, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+class _Reader:
+    """Restores a subset of a checkpoint's leaves (a partial Orbax restore), as jax.Arrays with
+    the given shardings, or as host numpy arrays (cheaper to read; the merge kernels then place
+    them on the default device) when `shardings` is None."""
+
+    def __init__(self, shardings: Sequence[jax.sharding.Sharding] | None):
+        self._ckptr = ocp.PyTreeCheckpointer()
+        self._shardings = shardings
+
+    def _args(self, i: int, s: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
+        if self._shardings is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype)
+        return ocp.ArrayRestoreArgs(
+            sharding=self._shardings[i], global_shape=s.shape, dtype=s.dtype
+        )
+
+    def read(self, ckpt: Checkpoint, indices: Sequence[int], partial: bool) -> PyTree:
+        paths = mg.leaf_paths(ckpt.shapes)
+        leaves = jax.tree.leaves(ckpt.shapes)
+        if partial:
+            item: dict = {}
+            restore_args: dict = {}
+            for i in indices:
+                _nested_set(item, paths[i], leaves[i])
+                _nested_set(restore_args, paths[i], self._args(i, leaves[i]))
+        else:
+            item = ckpt.shapes
+            restore_args = jax.tree.unflatten(
+                jax.tree.structure(ckpt.shapes), [self._args(i, s) for i, s in enumerate(leaves)]
+            )
+        try:
+            return self._ckptr.restore(
+                ckpt.params_dir,
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=partial
+                ),
+            )
+        except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+            first = mg.path_str(paths[indices[0]])
+            raise UserError(
+                f"cannot read {ckpt.label} (parameters from {first}, {len(indices)} arrays) "
+                f"in {ckpt.params_dir}: {type(e).__name__}: {e}"
+            ) from None
+
+
+def fsdp_shardings(shapes: PyTree, mesh: jax.sharding.Mesh | None = None) -> PyTree:
+    """A NamedSharding per leaf that splits its largest axis divisible by the device count over
+    all devices (replicated if none is), for multi-host merges given no shardings."""
+    if mesh is None:
+        mesh = jax.make_mesh(
+            (jax.device_count(),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,)
+        )
+    n = mesh.size
+
+    def one(s: jax.ShapeDtypeStruct) -> jax.sharding.NamedSharding:
+        spec: list[str | None] = [None] * len(s.shape)
+        for axis in sorted(range(len(s.shape)), key=lambda a: -s.shape[a]):
+            if s.shape[axis] % n == 0:
+                spec[axis] = "fsdp"
+                break
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree.map(one, shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# The merge
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """A validated merge request (coefficients as they will be applied)."""
+
+    method: str
+    n_inputs: int
+    weights: tuple[float, ...] | None  # normalised, for 'average'
+    t: float | None  # for slerp/liti with 2 inputs; None means WARP's 1/m rule
+    eta: float | None
+    granularity: str
+    eps: float
+
+
+def make_spec(
+    method: str,
+    n_inputs: int,
+    *,
+    has_base: bool,
+    weights: Sequence[float] | None = None,
+    t: float | None = None,
+    eta: float | None = None,
+    granularity: str = "layer",
+    eps: float = mg.DEFAULT_SLERP_EPS,
+) -> MergeSpec:
+    """Checks that the coefficients fit the method; raises UserError otherwise."""
+    if method not in METHODS:
+        raise UserError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    if n_inputs < 1:
+        raise UserError("no inputs given")
+    if granularity not in mg.GRANULARITIES:
+        raise UserError(f"granularity {granularity!r}; choose from {', '.join(mg.GRANULARITIES)}")
+    for name, value in (("t", t), ("eta", eta)):
+        if value is not None and not np.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    if method == "average":
+        if has_base:
+            raise UserError("average takes no --base (it is a plain weighted mean of the inputs)")
+        if t is not None or eta is not None:
+            raise UserError("average takes --weights, not --t or --eta")
+        try:
+            w = tuple(float(x) for x in mg.normalize_weights(weights, n_inputs))
+        except ValueError as e:
+            raise UserError(f"--weights: {e}") from None
+        return MergeSpec(method, n_inputs, w, None, None, granularity, eps)
+    if not has_base:
+        raise UserError(f"{method} needs --base: the initialisation the task vectors start from")
+    if weights is not None:
+        raise UserError(f"{method} takes no --weights (SLERP of M > 2 inputs uses t = 1/m)")
+    if t is not None and n_inputs != 2:
+        raise UserError(
+            f"--t applies to exactly 2 inputs; {n_inputs} inputs are merged with WARP's rule "
+            "slerp(slerp(θ1..θ_{M-1}), θ_M, t=1/M)"
+        )
+    if method == "slerp":
+        if n_inputs < 2:
+            raise UserError("slerp needs at least 2 inputs")
+        if eta is not None:
+            raise UserError("slerp takes no --eta (use --method liti)")
+        t2 = (0.5 if t is None else t) if n_inputs == 2 else None
+        return MergeSpec(method, n_inputs, None, t2, None, granularity, eps)
+    if eta is None:
+        raise UserError("liti needs --eta: θ = (1 - eta) θ_base + eta θ_merged")
+    t2 = (0.5 if t is None else t) if n_inputs == 2 else None
+    return MergeSpec(method, n_inputs, None, t2, float(eta), granularity, eps)
+
+
+def _merge_chunk(
+    spec: MergeSpec,
+    read: Callable[[Checkpoint], PyTree],
+    inputs: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    group_fn: mg.GroupFn | None,
+    coefficients: jax.Array | None,
+) -> PyTree:
+    """Merges one chunk, reading the inputs one after another (at most base + 2 chunks live)."""
+    if spec.method == "average":
+        first = read(inputs[0])
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first)
+        # The restored input is ours, so the float32 copy may be updated in place.
+        mean = mg.upcast(first)
+        del first
+        for m in range(1, len(inputs)):
+            mean = mg.running_average_update(mean, read(inputs[m]), coefficients[m], donate=True)
+        return mg.cast_like(mean, like)
+
+    assert base is not None
+    kw = dict(granularity=spec.granularity, group_fn=group_fn, eps=spec.eps)
+    z = read(base)
+    s = read(inputs[0])
+    if len(inputs) == 2:
+        s = mg.slerp(z, s, read(inputs[1]), spec.t, **kw)
+    elif len(inputs) > 2:
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
+        for m in range(2, len(inputs) + 1):
+            # From m = 3 on, s is our own float32 buffer: let each step overwrite it.
+            s = mg.slerp_many_step(z, s, read(inputs[m - 1]), m, donate=m > 2, **kw)
+        s = mg.cast_like(s, like)
+    if spec.method == "slerp":
+        return s
+    return mg.liti(z, s, spec.eta)
+
+
+def merge_streaming(
+    spec: MergeSpec,
+    inputs: Sequence[Checkpoint],
+    base: Checkpoint | None = None,
+    *,
+    group_fn: mg.GroupFn | None = None,
+    shardings: PyTree | None = None,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    progress: bool | None = None,
+) -> PyTree:
+    """Merges checkpoints chunk by chunk and returns the merged tree (in memory, as jax.Arrays
+    with `shardings`, by default on the first local device)."""
+    from tqdm.auto import tqdm
+
+    everyone = [*([base] if base is not None else []), *inputs]
+    check_inputs(everyone)
+    shapes = inputs[0].shapes
+    paths = mg.leaf_paths(shapes)
+    leaves = jax.tree.leaves(shapes)
+    if shardings is None and jax.process_count() > 1:
+        shardings = fsdp_shardings(shapes)
+    flat_shardings = None
+    if shardings is not None:
+        is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+        sharding_flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sharding)[0]
+        by_path = {mg.key_path(p): s for p, s in sharding_flat}
+        missing = [p for p in paths if p not in by_path]
+        if missing or len(by_path) != len(paths):
+            where = f" (none for {mg.path_str(missing[0])})" if missing else ""
+            raise UserError(f"shardings must hold one Sharding per parameter{where}")
+        flat_shardings = [by_path[p] for p in paths]
+
+    groups = (
+        mg.leaf_groups(paths, spec.granularity, group_fn)
+        if spec.method != "average"
+        else [mg.path_str(p) for p in paths]
+    )
+    # Partial restores address leaves by dict keys; other containers are read whole.
+    partial = _all_dict_keys(shapes)
+    chunks = (
+        plan_chunks(paths, leaves, groups, int(chunk_mb * 2**20))
+        if partial
+        else [list(range(len(leaves)))]
+    )
+    coefficients = (
+        mg.running_average_coefficients(spec.weights, len(inputs))
+        if spec.method == "average"
+        else None
+    )
+    reader = _Reader(flat_shardings)
+    merged: dict = {}
+    bar = tqdm(
+        total=len(chunks) * len(everyone),
+        unit="read",
+        desc=f"merge ({spec.method}, {len(inputs)} inputs)",
+        disable=(not progress) if progress is not None else None,
+        file=sys.stderr,
+    )
+    try:
+        for chunk in chunks:
+
+            def read(c: Checkpoint, chunk: list[int] = chunk) -> PyTree:
+                out = reader.read(c, chunk, partial)
+                bar.update(1)
+                return out
+
+            out = _merge_chunk(spec, read, inputs, base, group_fn, coefficients)
+            if not partial:
+                return out
+            for p, x in zip(mg.leaf_paths(out), jax.tree.leaves(out)):
+                _nested_set(merged, p, x)
+            del out
+            _release_free_memory()
+    finally:
+        bar.close()
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_multihost(output: Path, params: PyTree, metadata: dict, token: str) -> Path:
+    """Like `checkpoints.save_params`, with a temporary directory every process agrees on."""
+    tmp = output.parent / f".{output.name}.tmp-{token}"
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ocp.multihost.sync_global_processes("warm_jax_merge_tmp")
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / ck.PARAMS_ITEM, params)
+        ckptr.wait_until_finished()
+        if primary:
+            (tmp / ck.META_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+            ck.commit_directory(tmp, output)
+        ocp.multihost.sync_global_processes("warm_jax_merge_commit")
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def merge_checkpoints(
+    method: str,
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    weights: Sequence[float] | None = None,
+    t: float | None = None,
+    eta: float | None = None,
+    granularity: str = "layer",
+    group_fn: mg.GroupFn | None = None,
+    eps: float = mg.DEFAULT_SLERP_EPS,
+    shardings: PyTree | None = None,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Merges Orbax checkpoints into a params checkpoint at `output` (a `params/` tree plus
+    `warm_jax.json` recording the inputs, method and coefficients), atomically.
+
+    method 'average': (weighted) mean of `inputs`; 'slerp': SLERP of the task vectors
+    `input - base` (t for 2 inputs, WARP's iterated 1/m rule for more); 'liti':
+    (1 - eta) base + eta · (the slerp of the inputs, or the single input)."""
+    started = time.time()
+    output = Path(output)
+    spec = make_spec(
+        method,
+        len(inputs),
+        has_base=base is not None,
+        weights=weights,
+        t=t,
+        eta=eta,
+        granularity=granularity,
+        eps=eps,
+    )
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} already exists (pass --overwrite to replace it)")
+    ckpts = [open_checkpoint(p, f"input {i + 1}") for i, p in enumerate(inputs)]
+    base_ckpt = open_checkpoint(base, "base") if base is not None else None
+    check_inputs([*([base_ckpt] if base_ckpt else []), *ckpts])
+    out_abs = output.absolute()
+    for c in [*ckpts, *([base_ckpt] if base_ckpt else [])]:
+        if out_abs in (c.params_dir, *c.params_dir.parents[:3]):
+            raise UserError(f"output {output} would overwrite {c.label}; choose another path")
+
+    params = merge_streaming(
+        spec,
+        ckpts,
+        base_ckpt,
+        group_fn=group_fn,
+        shardings=shardings,
+        chunk_mb=chunk_mb,
+        progress=progress,
+    )
+
+    def describe(c: Checkpoint) -> dict:
+        return {"path": c.given, "params_dir": str(c.params_dir)}
+
+    record = {
+        "method": spec.method,
+        "inputs": [describe(c) for c in ckpts],
+        "base": describe(base_ckpt) if base_ckpt else None,
+        "weights": list(spec.weights) if spec.weights is not None else None,
+        "weights_given": list(map(float, weights)) if weights is not None else None,
+        "t": spec.t if spec.method != "average" and spec.n_inputs == 2 else None,
+        "t_rule": "slerp(slerp(θ1..θ_{M-1}), θ_M, t=1/M)"
+        if spec.method != "average" and spec.n_inputs > 2
+        else None,
+        "eta": spec.eta,
+        "granularity": spec.granularity if spec.method != "average" else None,
+        "group_fn": getattr(group_fn, "__qualname__", repr(group_fn)) if group_fn else None,
+        "eps": spec.eps if spec.method != "average" else None,
+        "accumulation": "float32",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "merge_seconds": round(time.time() - started, 3),  # reading + merging, not writing
+        "versions": {"jax": jax.__version__, "orbax": _orbax_version()},
+    }
+    # Carry the first input's metadata (model config, gin config) so the merged checkpoint
+    # loads like its inputs; the merge record replaces any earlier one.
+    first_meta = ck.load_metadata(ckpts[0].params_dir)
+    metadata = {k: v for k, v in first_meta.items() if k != "merge"}
+    metadata["merge"] = record
+    metadata = json.loads(json.dumps(metadata, default=str))
+    if jax.process_count() > 1:
+        token = hashlib.sha256(json.dumps(record["inputs"]).encode()).hexdigest()[:12]
+        return _write_multihost(output, params, metadata, token)
+    return ck.save_params(output, params, metadata)
+
+
+def _orbax_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("orbax-checkpoint")
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `warm-jax merge`."""
+    parser.description = (
+        "Merge Orbax checkpoints (params checkpoints, training steps or training workdirs) into "
+        "one params checkpoint, streaming: memory stays about two models whatever the number "
+        "of inputs. average: WARM's weight average; slerp: WARP's SLERP of task vectors about "
+        "--base; liti: (1-eta) base + eta slerp(inputs)."
+    )
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--inputs", required=True, nargs="+", metavar="DIR")
+    parser.add_argument("--base", metavar="DIR", help="initialisation (slerp, liti)")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument(
+        "--weights", nargs="+", type=float, metavar="W", help="average: one weight per input"
+    )
+    parser.add_argument(
+        "--t", type=float, help="slerp/liti with 2 inputs: interpolation factor (default 0.5)"
+    )
+    parser.add_argument("--eta", type=float, help="liti: step towards the merged weights")
+    parser.add_argument(
+        "--granularity",
+        choices=mg.GRANULARITIES,
+        default="layer",
+        help="SLERP angle per layer (WARP, default), per parameter array, or for the whole tree",
+    )
+    parser.add_argument(
+        "--chunk_mb",
+        type=float,
+        default=DEFAULT_CHUNK_MB,
+        help="float32 MB of parameters read per step (memory vs number of reads)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no_compilation_cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (~/.cache/warm_jax)",
+    )
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache (unless one is already configured), so that
+    repeated merges skip recompiling their few dozen small kernels (~0.1-0.3 s each on CPU)."""
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    if directory is None:
+        root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        directory = Path(root) / "warm_jax" / "jax_compilation_cache"
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: merge without the cache
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """`warm-jax merge`: merge, write, print where."""
+    if getattr(args, "gin_bindings", None):
+        raise UserError("merge is not configured by gin; it takes no --gin.* overrides")
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
+    limit_malloc_arenas()
+    path = merge_checkpoints(
+        args.method,
+        args.inputs,
+        args.output,
+        base=args.base,
+        weights=args.weights,
+        t=args.t,
+        eta=args.eta,
+        granularity=args.granularity,
+        chunk_mb=args.chunk_mb,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    print(f"merged {len(args.inputs)} checkpoint(s) with {args.method} into {path}")
+    return 0
