@@ -24,6 +24,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "warm_jax.experiments.sft",
         "supervised fine-tuning: next-token loss on the response tokens only",
     ),
+    "bon": (
+        "warm_jax.experiments.rl",
+        "best-of-n: control reward vs KL = log n - (n-1)/n, selected by proxy rewards",
+    ),
+    "rl": (
+        "warm_jax.experiments.rl",
+        "KL-regularised REINFORCE (RLOO/value baseline, SFT/EMA anchor) against a reward",
+    ),
+    "warp": (
+        "warm_jax.experiments.rl",
+        "WARP: M REINFORCE runs, SLERP of task vectors, LITI, Pareto front",
+    ),
     "data": ("warm_jax.data.commands", "prepare and summarise datasets (TFDS, array_record)"),
     "merge": (
         "warm_jax.merging_checkpoints",

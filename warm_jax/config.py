@@ -26,6 +26,9 @@ CONFIGURABLE_MODULES = (
     "warm_jax.experiments.sft",
     "warm_jax.experiments.quickstart",
     "warm_jax.policy.sampling",
+    "warm_jax.policy.reinforce",
+    "warm_jax.policy.warp",
+    "warm_jax.experiments.rl",
 )
 
 

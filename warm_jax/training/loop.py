@@ -237,7 +237,12 @@ def train(
         if init_fn is not None:
             params = jax.jit(init_fn, out_shardings=param_shardings)(init_rng)
         else:
+            # Copied: the state is donated every step, and the caller may still hold (or have
+            # put in `aux`) the very buffers it passed.
             params = jax.device_put(init_params, param_shardings)
+            params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=param_shardings)(
+                params
+            )
         opt_state = jax.jit(tx.init)(params)
     repl = shd.replicated(mesh)
     state = {
