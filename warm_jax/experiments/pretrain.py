@@ -51,6 +51,8 @@ def sized_config(config: tm.TransformerConfig, vocab_size: int) -> tm.Transforme
 
 
 def save_model_files(workdir: Path, config: tm.TransformerConfig, tokenizer: Tokenizer) -> None:
+    if jax.process_index() != 0:  # identical on every process; one writer avoids races
+        return
     tokenizer.save(workdir / TOKENIZER_DIR)
     loop.save_json(workdir / MODEL_FILE, config.to_dict())
 

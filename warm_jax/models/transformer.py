@@ -27,6 +27,8 @@ Array = jax.Array
 PyTree = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Gated-MLP activations; "gelu_tanh" is PyTorch's gelu(approximate="tanh"), Gemma's activation.
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,8 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
+    mlp_activation: str = "silu"  # gated-MLP activation: "silu" (Llama), "gelu_tanh" (Gemma)
+    norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + w), w initialised at 0
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -54,6 +58,10 @@ class TransformerConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose from {sorted(DTYPES)}")
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"mlp_activation={self.mlp_activation!r}; choose from {sorted(ACTIVATIONS)}"
+            )
 
     @property
     def compute_dtype(self):
@@ -96,18 +104,23 @@ def dropout(x: Array, rate: float | Array, rng: Array | None) -> Array:
 class RMSNorm(nn.Module):
     eps: float
     param_dtype: Any
+    offset: bool = False  # Gemma: the stored scale w multiplies as (1 + w)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            nn.with_logical_partitioning(init, ("norm",)),
             (x.shape[-1],),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        scale32 = scale.astype(jnp.float32)
+        if self.offset:
+            scale32 = 1.0 + scale32
+        return (y * scale32).astype(x.dtype)
 
 
 def rope(x: Array, positions: Array, base: float) -> Array:
@@ -196,7 +209,8 @@ class MLP(nn.Module):
 
         gate = x @ w("gate", (c.d_model, c.d_ff), ("embed", "mlp"))
         up = x @ w("up", (c.d_model, c.d_ff), ("embed", "mlp"))
-        return (nn.silu(gate) * up) @ w("down", (c.d_ff, c.d_model), ("mlp", "embed"))
+        act = ACTIVATIONS[c.mlp_activation]
+        return (act(gate) * up) @ w("down", (c.d_ff, c.d_model), ("mlp", "embed"))
 
 
 class Block(nn.Module):
@@ -207,14 +221,16 @@ class Block(nn.Module):
         c = self.config
         rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
         h, new_cache = Attention(c, name="attn")(
-            RMSNorm(c.norm_eps, c.params_dtype, name="attn_norm")(x),
+            RMSNorm(c.norm_eps, c.params_dtype, c.norm_offset, name="attn_norm")(x),
             positions,
             mask,
             kv_cache,
             cache_index,
         )
         x = x + dropout(h, dropout_rate, rngs[0])
-        h = MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.params_dtype, name="mlp_norm")(x))
+        h = MLP(c, name="mlp")(
+            RMSNorm(c.norm_eps, c.params_dtype, c.norm_offset, name="mlp_norm")(x)
+        )
         x = x + dropout(h, dropout_rate, rngs[1])
         return x, new_cache
 
@@ -248,7 +264,7 @@ class Transformer(nn.Module):
             dtype=c.compute_dtype,
         )
         self.blocks = [Block(c, name=f"block_{i}") for i in range(c.n_layers)]
-        self.final_norm = RMSNorm(c.norm_eps, c.params_dtype)
+        self.final_norm = RMSNorm(c.norm_eps, c.params_dtype, c.norm_offset)
         if not c.tie_embeddings:
             self.lm_head = self.param(
                 "lm_head",

@@ -280,8 +280,10 @@ def train(
         start = int(state["step"])
 
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "operative_config.gin").write_text(gin.config_str())
-    writer = MetricsWriter(workdir, start_step=start)
+    lead = jax.process_index() == 0  # one process writes the run's side files
+    if lead:
+        (workdir / "operative_config.gin").write_text(gin.config_str())
+    writer = MetricsWriter(workdir, start_step=start, enabled=lead)
     step_fn = jax.jit(
         make_train_step(loss_fn, tx, sched, accum_steps, aux_update),
         in_shardings=(state_shardings, None, None),
@@ -343,8 +345,11 @@ def train(
         bar.close()
         writer.close()
         ckpts.close()
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str() or gin.config_str())
-    plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", title=description)
+    if lead:
+        (workdir / "operative_config.gin").write_text(
+            gin.operative_config_str() or gin.config_str()
+        )
+        plot_curves(workdir / "metrics.jsonl", workdir / "loss.png", title=description)
     return TrainResult(
         params=state["params"],
         step=int(state["step"]),
@@ -393,6 +398,6 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically (temp file, then rename)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, p)

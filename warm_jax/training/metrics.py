@@ -33,8 +33,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | os.PathLike, *, start_step: int = 0, tensorboard=True):
+    """Only one process of a multi-process run writes (`enabled`); the others' calls are no-ops."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
         self.workdir = Path(workdir)
+        self._file = self._tb = None
+        if not enabled:
+            return
         self.path = self.workdir / "metrics.jsonl"
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +65,8 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, step: int, metrics: Mapping) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -61,7 +76,8 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -94,7 +110,7 @@ def plot_curves(
     ax.legend()
     fig.tight_layout()
     out = Path(out_png)
-    tmp = out.with_name(f".{out.name}.tmp.png")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, out)
