@@ -45,6 +45,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "export a reward model or policy as Hugging Face safetensors + config.json",
     ),
     "data": ("warm_jax.data.commands", "prepare and summarise datasets (TFDS, array_record)"),
+    "train-rms": (
+        "warm_jax.experiments.reward_models",
+        "WARM: train M diverse reward models from one SFT model (sequential or vmapped)",
+    ),
+    "eval-rm": (
+        "warm_jax.experiments.reward_models",
+        "evaluate individual / ENS / WARM reward models: accuracies, LMC curves, accuracy vs M",
+    ),
     "merge": (
         "warm_jax.merging_checkpoints",
         "merge Orbax checkpoints: average, SLERP of task vectors, LITI (streaming)",

@@ -29,6 +29,9 @@ CONFIGURABLE_MODULES = (
     "warm_jax.policy.reinforce",
     "warm_jax.policy.warp",
     "warm_jax.experiments.rl",
+    "warm_jax.reward.data",
+    "warm_jax.reward.members",
+    "warm_jax.experiments.reward_models",
 )
 
 
