@@ -22,6 +22,7 @@ happens in memory, and the result is written to a temporary directory renamed in
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import dataclasses
 import datetime
@@ -46,16 +47,18 @@ from warm_jax.training import checkpoints as ck
 
 PyTree = Any
 METHODS: tuple[str, ...] = ("average", "slerp", "liti")
-# 64 MB of float32 per chunk: ~20 Orbax reads per SmolLM2-135M-sized input. Larger chunks read
-# a little faster (fewer calls) but raise the peak (measured: 256 MB costs ~120-300 MB more).
-DEFAULT_CHUNK_MB = 64
+# Float32 MB per chunk. Each chunk costs one Orbax restore per input (~50 ms of Python), so bigger
+# chunks read faster; the peak grows with the chunk's working set: a float32 accumulator plus one
+# input for averages, the base, two float32 merges and one input for SLERP. Measured on
+# SmolLM2-135M (bfloat16): average 256 MB -> ~0.85 GB peak; SLERP 64 MB -> ~0.75 GB (256 MB: ~1.05).
+DEFAULT_CHUNK_MB = {"average": 256, "slerp": 64, "liti": 64}
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Checkpoint:
     """One merge input: where it was given, the Orbax params tree it resolves to, its shapes."""
 
@@ -67,6 +70,11 @@ class Checkpoint:
     @property
     def label(self) -> str:
         return f"{self.role} ({self.given})"
+
+    @functools.cached_property
+    def leaves(self) -> list[tuple[mg.KeyPath, jax.ShapeDtypeStruct]]:
+        """(key path, shape) of every parameter, in tree order."""
+        return list(zip(mg.leaf_paths(self.shapes), jax.tree.leaves(self.shapes)))
 
 
 def _check_complete(params_dir: Path, label: str) -> None:
@@ -205,18 +213,19 @@ class _Reader:
         )
 
     def read(self, ckpt: Checkpoint, indices: Sequence[int], partial: bool) -> PyTree:
-        paths = mg.leaf_paths(ckpt.shapes)
-        leaves = jax.tree.leaves(ckpt.shapes)
+        leaves = ckpt.leaves
         if partial:
             item: dict = {}
             restore_args: dict = {}
             for i in indices:
-                _nested_set(item, paths[i], leaves[i])
-                _nested_set(restore_args, paths[i], self._args(i, leaves[i]))
+                path, shape = leaves[i]
+                _nested_set(item, path, shape)
+                _nested_set(restore_args, path, self._args(i, shape))
         else:
             item = ckpt.shapes
             restore_args = jax.tree.unflatten(
-                jax.tree.structure(ckpt.shapes), [self._args(i, s) for i, s in enumerate(leaves)]
+                jax.tree.structure(ckpt.shapes),
+                [self._args(i, s) for i, (_, s) in enumerate(leaves)],
             )
         try:
             return self._ckptr.restore(
@@ -226,11 +235,57 @@ class _Reader:
                 ),
             )
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-            first = mg.path_str(paths[indices[0]])
+            first = mg.path_str(leaves[indices[0]][0])
             raise UserError(
                 f"cannot read {ckpt.label} (parameters from {first}, {len(indices)} arrays) "
                 f"in {ckpt.params_dir}: {type(e).__name__}: {e}"
             ) from None
+
+
+class _Prefetcher:
+    """Performs a merge's reads in their known order on one background thread, one read ahead,
+    so that Orbax's Python-side work and tensorstore's decompression overlap with the merge
+    kernels (a serial merge keeps only one of the two cores busy)."""
+
+    def __init__(
+        self,
+        reader: _Reader,
+        jobs: Sequence[tuple[Checkpoint, list[int]]],
+        partial: bool,
+        enabled: bool,
+    ):
+        self._reader, self._jobs, self._partial = reader, list(jobs), partial
+        self._next = 0
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="warm_jax-merge-read")
+            if enabled
+            else None
+        )
+
+    def _submit(self, k: int) -> None:
+        if self._pool is not None and k < len(self._jobs) and k not in self._pending:
+            ckpt, indices = self._jobs[k]
+            self._pending[k] = self._pool.submit(self._reader.read, ckpt, indices, self._partial)
+
+    def read(self, ckpt: Checkpoint) -> PyTree:
+        k = self._next
+        self._next += 1
+        expected, indices = self._jobs[k]
+        if expected is not ckpt:
+            raise RuntimeError(f"read order broken: got {ckpt.label}, planned {expected.label}")
+        if self._pool is None:
+            return self._reader.read(ckpt, indices, self._partial)
+        self._submit(k)
+        self._submit(k + 1)
+        return self._pending.pop(k).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._pending.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending.clear()
 
 
 def fsdp_shardings(shapes: PyTree, mesh: jax.sharding.Mesh | None = None) -> PyTree:
@@ -366,7 +421,7 @@ def merge_streaming(
     *,
     group_fn: mg.GroupFn | None = None,
     shardings: PyTree | None = None,
-    chunk_mb: float = DEFAULT_CHUNK_MB,
+    chunk_mb: float | None = None,
     progress: bool | None = None,
 ) -> PyTree:
     """Merges checkpoints chunk by chunk and returns the merged tree (in memory, as jax.Arrays
@@ -399,7 +454,7 @@ def merge_streaming(
     # Partial restores address leaves by dict keys; other containers are read whole.
     partial = _all_dict_keys(shapes)
     chunks = (
-        plan_chunks(paths, leaves, groups, int(chunk_mb * 2**20))
+        plan_chunks(paths, leaves, groups, int((chunk_mb or DEFAULT_CHUNK_MB[spec.method]) * 2**20))
         if partial
         else [list(range(len(leaves)))]
     )
@@ -408,7 +463,10 @@ def merge_streaming(
         if spec.method == "average"
         else None
     )
-    reader = _Reader(flat_shardings)
+    # Orbax restores from a helper thread are fine in one process; with several processes keep
+    # every collective call on the main thread.
+    jobs = [(c, chunk) for chunk in chunks for c in everyone]
+    reads = _Prefetcher(_Reader(flat_shardings), jobs, partial, jax.process_count() == 1)
     merged: dict = {}
     bar = tqdm(
         total=len(chunks) * len(everyone),
@@ -417,14 +475,14 @@ def merge_streaming(
         disable=(not progress) if progress is not None else None,
         file=sys.stderr,
     )
+
+    def read(c: Checkpoint) -> PyTree:
+        out = reads.read(c)
+        bar.update(1)
+        return out
+
     try:
-        for chunk in chunks:
-
-            def read(c: Checkpoint, chunk: list[int] = chunk) -> PyTree:
-                out = reader.read(c, chunk, partial)
-                bar.update(1)
-                return out
-
+        for _ in chunks:
             out = _merge_chunk(spec, read, inputs, base, group_fn, coefficients)
             if not partial:
                 return out
@@ -433,6 +491,7 @@ def merge_streaming(
             del out
             _release_free_memory()
     finally:
+        reads.close()
         bar.close()
     return merged
 
@@ -477,7 +536,7 @@ def merge_checkpoints(
     group_fn: mg.GroupFn | None = None,
     eps: float = mg.DEFAULT_SLERP_EPS,
     shardings: PyTree | None = None,
-    chunk_mb: float = DEFAULT_CHUNK_MB,
+    chunk_mb: float | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
@@ -594,8 +653,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk_mb",
         type=float,
-        default=DEFAULT_CHUNK_MB,
-        help="float32 MB of parameters read per step (memory vs number of reads)",
+        default=None,
+        help="float32 MB of parameters per chunk: memory vs number of reads "
+        f"(default {DEFAULT_CHUNK_MB})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")

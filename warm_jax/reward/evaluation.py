@@ -144,7 +144,7 @@ def evaluate_members(
     - `lmc`: `lambdas`, `pairs`, and per subset `wa`, `ens`, `diag` curves (one per pair) with
       their mean and std over pairs;
     - `accuracy_vs_m`: for M in `m_values`, WARM and ENS accuracies of `subsets_per_m` random
-      M-subsets (seeded; one subset when M = K), mean and std.
+      M-subsets (seeded; every member for M = 1, one subset for M = K), mean and std.
 
     `member_margins` (split → [K, N]) and `warm_params` may be passed when already computed.
     """
@@ -237,7 +237,8 @@ def evaluate_members(
     per_m: dict[int, list[tuple[dict, dict]]] = {}
     for m in m_values:
         combos = list(itertools.combinations(range(k), m))
-        if len(combos) > subsets_per_m:
+        # Single members cost no forward pass (their margins are cached): use them all.
+        if m > 1 and len(combos) > subsets_per_m:
             picks = rng.choice(len(combos), subsets_per_m, replace=False)
             combos = [combos[i] for i in sorted(picks)]
         vs_m["subsets"][str(m)] = [list(c) for c in combos]
