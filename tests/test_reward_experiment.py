@@ -223,3 +223,11 @@ def test_one_module_serves_both_subcommands():
     rm.add_arguments(evaluate)
     args = evaluate.parse_args(["--workdir", "w", "--member_dir", "a", "--member_dir", "b"])
     assert args.rm_command == "eval-rm" and args.member_dir == ["a", "b"]
+
+
+def test_the_saved_gin_config_reparses_to_the_same_experiment(trained):
+    wd, _ = trained
+    rm._parse_gin([str(wd / "operative_config.gin")], [])
+    data = json.loads((wd / rm.RM_FILE).read_text())["data"]
+    assert rdata.pair_data().to_dict() == data
+    gin.clear_config()

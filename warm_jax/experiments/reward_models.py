@@ -591,7 +591,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "their prediction ensemble (ENS) and of their weight average (WARM) on the training "
             "pairs (clean / corrupted), ID validation and every OOD split; interpolation curves "
             "between members; accuracy vs number of members. Writes WORKDIR/eval/results.json and "
-            "PNG plots (and WORKDIR/warm if missing)."
+            "PNG plots (and WORKDIR/warm if missing). Without --gin_file, reads the gin settings "
+            "saved by train-rms in WORKDIR/operative_config.gin."
         )
         return
     add_gin_arguments(parser, workdir_default="runs/warm")
@@ -630,7 +631,12 @@ def _parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "rm_command", "train-rms") == "eval-rm":
-        _parse_gin(args.gin_file, args.gin_bindings)
+        files = list(args.gin_file)
+        saved = Path(args.workdir) / "operative_config.gin"
+        if not files and saved.is_file():
+            # The experiment's own settings (eval_rm.*, warm_selection.*) unless told otherwise.
+            files = [str(saved)]
+        _parse_gin(files, args.gin_bindings)
         results = eval_rm(args.workdir, member_dirs=args.member_dir)
         print(ev.format_table(results))
         if "seeds" in results:
