@@ -361,12 +361,6 @@ class Evaluator:
 # ----------------------------------------------------------------------------- a run
 
 
-def _copy_tree(tree: PyTree) -> PyTree:
-    # The loop donates its state: the caller's arrays (often shared with the SFT params and the
-    # anchor) must not be the buffers it donates.
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
-
-
 def train_policy(
     workdir: str | os.PathLike,
     *,
@@ -436,7 +430,7 @@ def train_policy(
         batches,
         workdir=Path(workdir),
         param_axes=tm.param_logical_axes(config),
-        init_params=_copy_tree(init_params),
+        init_params=init_params,  # the loop copies before donating; aux shares these arrays
         aux=aux,
         aux_update=ema_aux_update(rl.mu) if rl.anchor == "ema" else None,
         eval_fn=eval_fn,

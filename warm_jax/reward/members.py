@@ -272,11 +272,6 @@ def vmapped_loss_fn(member_loss: loop.LossFn, num_members: int) -> loop.LossFn:
 # Training
 
 
-@jax.jit
-def _copy(tree: PyTree) -> PyTree:
-    return jax.tree.map(jnp.copy, tree)
-
-
 def member_batches(arrays: Mapping[str, np.ndarray], batch_size: int, spec: MemberSpec):
     return loop.ArrayBatches(arrays, batch_size, seed=spec.data_seed)
 
@@ -302,9 +297,7 @@ def train_member(
         member_batches(train_arrays, batch_size, spec),
         workdir=Path(workdir),
         param_axes=param_axes,
-        # The loop donates its state: a copy keeps the caller's arrays (often shared by several
-        # members, e.g. one SFT checkpoint) alive.
-        init_params=_copy(init_params),
+        init_params=init_params,  # the loop copies before donating: shared arrays stay valid
         aux=member_aux(spec),
         optimizer=member_optimizer(num_steps, spec.learning_rate),
         eval_fn=eval_fn,
