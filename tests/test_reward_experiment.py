@@ -231,3 +231,57 @@ def test_the_saved_gin_config_reparses_to_the_same_experiment(trained):
     data = json.loads((wd / rm.RM_FILE).read_text())["data"]
     assert rdata.pair_data().to_dict() == data
     gin.clear_config()
+
+
+def test_policy_responses_are_sampled_once_labelled_by_gold_and_reused(
+    sft_dir, tmp_path, monkeypatch
+):
+    """pair_data.responses='policy': the pairs' responses are the SFT policy's samples (cached in
+    the workdir), labelled by the gold reward; evaluation reuses the cache without the policy."""
+    _bind(**{"pair_data.responses": "policy", "pair_data.num_train": 16})
+    wd = tmp_path / "w"
+    rm.train_rms(
+        wd,
+        init_from=sft_dir,
+        num_members=1,
+        num_steps=1,
+        batch_size=8,
+        probe_steps=0,
+        eval_batch_size=16,
+        progress=False,
+    )
+    cache = json.loads((wd / rm.POLICY_RESPONSES_FILE).read_text())
+    cfg = rdata.pair_data()
+    base = cfg.seed + rdata._PREFS_SEED_OFFSET
+    # Train (two seeds) and validation (two seeds): one response per prompt each.
+    assert sorted(map(int, cache)) == sorted(
+        [
+            base,
+            base + 1,
+            base + rdata._VALIDATION_SEED_OFFSET,
+            base + rdata._VALIDATION_SEED_OFFSET + 1,
+        ]
+    )
+    assert len(cache[str(base)]) == 16
+    records = rdata.split_records(cfg, lambda prompts, seed: cache[str(seed)])["train"]
+    prompts = oracle_task.sample_prompts(16, base)
+    for i, r in enumerate(records):
+        assert r["prompt"] == prompts[i]
+        assert {r["chosen"], r["rejected"]} == {cache[str(base)][i], cache[str(base + 1)][i]}
+        gold = oracle_task.gold_rewards([r["prompt"]] * 2, [r["chosen"], r["rejected"]])
+        np.testing.assert_allclose([r["gold_chosen"], r["gold_rejected"]], gold, rtol=1e-6)
+    # Random weights talk nonsense, unlike the grammar's SFT distribution.
+    assert cache[str(base)] != oracle_task.sample_responses(prompts, base)
+
+    def no_policy(*a, **k):
+        raise AssertionError("the cached responses should have been used")
+
+    monkeypatch.setattr(rm.sft_lib, "load_model", no_policy)
+    _, tokenizer = pretrain_lib.load_model_files(wd)
+    splits, _ = rm.build_splits(wd, cfg, tokenizer, str(sft_dir))
+    assert len(splits.train) == 16
+    gin.clear_config()
+    with pytest.raises(UserError, match="oracle task"):
+        rdata.PairDataConfig(task="hh_rlhf", responses="policy")
+    with pytest.raises(UserError, match="responses"):
+        rdata.PairDataConfig(responses="human")

@@ -254,3 +254,36 @@ def test_sharded_sampling_gives_the_same_samples(params, batch, tempered):
     np.testing.assert_array_equal(got.tokens, out.tokens)
     np.testing.assert_array_equal(got.lengths, out.lengths)
     np.testing.assert_allclose(got.logprobs, out.logprobs, atol=2e-5)
+
+
+class _CharTokenizer:
+    """Token i <-> the i-th lowercase letter shifted by 3 (ids 0-2: pad, bos, eos)."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode(self, text):
+        return [3 + (ord(c) - ord("a")) % 26 for c in text.replace(" ", "")]
+
+    def decode(self, ids):
+        return " ".join(chr(ord("a") + (i - 3) % 26) if i >= 3 else "?" for i in ids)
+
+
+def test_sample_texts_chunks_share_one_program_and_match_sample(params):
+    tok = _CharTokenizer()
+    prompts = ["abc", "hello", "x", "wxyz", "pq", "mnop"]
+    cfg = sp.SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=tok.eos_id)
+    out = sp.sample_texts(params, CFG, tok, prompts, cfg, seed=3, chunk=4)
+    assert len(out.responses) == len(prompts) == len(out.lengths) == len(out.finished)
+    # Chunk 0 is exactly `sample` on those prompts with key fold_in(PRNGKey(3), 0), padded to
+    # the length of the longest prompt overall.
+    length = sp.bucket_length(1 + max(len(tok.encode(p)) for p in prompts))
+    batch = sp.left_pad(
+        [[tok.bos_id, *tok.encode(p)] for p in prompts[:4]], length=length, pad_id=tok.pad_id
+    )
+    ref = sp.sample(params, CFG, batch, jax.random.fold_in(jax.random.PRNGKey(3), 0), cfg)
+    for row, n, text in zip(np.asarray(ref.tokens), np.asarray(ref.lengths), out.responses):
+        assert text == tok.decode([t for t in row[:n] if t != tok.eos_id]).strip()
+    np.testing.assert_array_equal(out.lengths[:4], np.asarray(ref.lengths))
+    # The short last chunk is padded to the full chunk, so its rows do not depend on the padding.
+    again = sp.sample_texts(params, CFG, tok, prompts, cfg, seed=3, chunk=4)
+    assert again.responses == out.responses

@@ -45,6 +45,7 @@ from warm_jax.errors import UserError
 from warm_jax.experiments import pretrain as pretrain_lib
 from warm_jax.experiments import sft as sft_lib
 from warm_jax.models import transformer as tm
+from warm_jax.policy import sampling
 from warm_jax.reward import data as rdata
 from warm_jax.reward import evaluation as ev
 from warm_jax.reward import losses
@@ -61,7 +62,62 @@ VMAPPED_DIR = "vmapped"
 PROBE_DIR = "probe"
 WARM_DIR = "warm"
 EVAL_DIR = "eval"
+POLICY_RESPONSES_FILE = "policy_responses.json"
 MODES = ("sequential", "vmapped")
+# Responses the SFT policy writes for pair_data.responses='policy' (prompts are short).
+POLICY_MAX_NEW_TOKENS = 32
+
+
+class PolicyResponder:
+    """`pair_data.responses='policy'`: draws pair responses from the SFT policy in `init_from`,
+    and remembers them by seed in `W/policy_responses.json`, so that every later evaluation of
+    the workdir labels exactly the responses the members were trained on.
+
+    The policy is loaded only when a seed is missing from the file. `save` is separate from
+    drawing, so that nothing is written before the workdir's experiment is checked."""
+
+    def __init__(self, workdir: Path, init_from: str, data_cfg: rdata.PairDataConfig, mesh=None):
+        self.path = workdir / POLICY_RESPONSES_FILE
+        self.init_from, self.data_cfg, self.mesh = init_from, data_cfg, mesh
+        self.cache: dict[str, list[str]] = (
+            read_json(self.path, "policy responses") if self.path.is_file() else {}
+        )
+        self.drawn = False
+        self._policy = None
+
+    def __call__(self, prompts: list[str], seed: int) -> list[str]:
+        hit = self.cache.get(str(seed))
+        if hit is not None and len(hit) == len(prompts):
+            return hit
+        if self._policy is None:
+            self._policy = sft_lib.load_model(
+                self.init_from, mesh=self.mesh, what="pair_data.responses='policy': init_from"
+            )
+        config, tokenizer, params = self._policy
+        cfg = sampling.SamplingConfig(
+            max_new_tokens=POLICY_MAX_NEW_TOKENS,
+            temperature=self.data_cfg.policy_temperature,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+        responses = sampling.sample_texts(params, config, tokenizer, prompts, cfg, seed).responses
+        self.cache[str(seed)] = responses
+        self.drawn = True
+        return responses
+
+    def save(self) -> None:
+        if self.drawn and jax.process_index() == 0:
+            loop.save_json(self.path, self.cache)
+
+
+def build_splits(
+    workdir: Path, data_cfg: rdata.PairDataConfig, tokenizer, init_from: str, mesh=None
+) -> tuple[rdata.PairSplits, PolicyResponder | None]:
+    """The experiment's pair splits; with policy responses, also their responder (to `save`)."""
+    responder = None
+    if data_cfg.responses == "policy":
+        responder = PolicyResponder(workdir, init_from, data_cfg, mesh)
+    return rdata.build_splits(data_cfg, tokenizer, responder), responder
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -261,7 +317,7 @@ def train_rms(
                 f"member_specs.init_steps: {init_from} has no checkpoint at step {s.init_step}; "
                 f"it has {sft_lib.sft_checkpoint_steps(init_from)}"
             )
-    splits = rdata.build_splits(data_cfg, tokenizer)
+    splits, responder = build_splits(workdir, data_cfg, tokenizer, init_from, mesh)
     fingerprint = tokenizer_fingerprint(tokenizer)
     experiment = {
         "init_from": str(Path(init_from).resolve()),
@@ -279,6 +335,8 @@ def train_rms(
     workdir.mkdir(parents=True, exist_ok=True)
     pretrain_lib.save_model_files(workdir, config, tokenizer)
     loop.save_json(workdir / RM_FILE, experiment)
+    if responder is not None:
+        responder.save()
     (workdir / "operative_config.gin").write_text(gin.config_str())
 
     train_arrays = rdata.training_arrays(splits.train)
@@ -461,7 +519,8 @@ def merge_warm(
         if selection["select"] != "all":
             spec = read_json(workdir / RM_FILE, "reward-model workdir")
             _, tokenizer = pretrain_lib.load_model_files(workdir)
-            built = rdata.build_splits(rdata.PairDataConfig.from_dict(spec["data"]), tokenizer)
+            data_cfg = rdata.PairDataConfig.from_dict(spec["data"])
+            built, _ = build_splits(workdir, data_cfg, tokenizer, spec["init_from"], mesh)
             splits = {k: rdata.to_arrays(v) for k, v in built.eval_splits().items()}
     chosen, record = choose_members(params, config, splits, selection, member_margins, batch_size)
     names = [p.name for p in paths]
@@ -509,7 +568,7 @@ def eval_rm(
     if tokenizer_fingerprint(tokenizer) != fingerprint:
         raise UserError(f"the members' tokenizer differs from {workdir}'s: cannot evaluate them")
     data_cfg = rdata.PairDataConfig.from_dict(spec["data"])
-    built = rdata.build_splits(data_cfg, tokenizer)
+    built, _ = build_splits(workdir, data_cfg, tokenizer, spec["init_from"], mesh)
     splits = {}
     for name, enc in built.eval_splits().items():
         cap = max_train_pairs if name == "train" else max_eval_pairs

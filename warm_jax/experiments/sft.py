@@ -212,21 +212,14 @@ def gold_eval(
     num_examples: int = 4,
 ) -> dict:
     """Samples one response per prompt and scores it with the oracle's gold reward."""
-    batch = sampling.left_pad(
-        [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts], pad_id=tokenizer.pad_id
-    )
-    out = sampling.sample(params, config, batch, jax.random.PRNGKey(seed), cfg)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    responses = [
-        tokenizer.decode([t for t in row[:n] if t != tokenizer.eos_id]).strip()
-        for row, n in zip(tokens, lengths)
-    ]
+    out = sampling.sample_texts(params, config, tokenizer, prompts, cfg, seed)
+    responses, lengths = out.responses, out.lengths
     gold = oracle_task.gold_rewards(list(prompts), responses)
     return {
         "gold_reward_mean": float(gold.mean()),
         "gold_reward_std": float(gold.std()),
         "grammatical_fraction": float(np.mean([oracle_task.is_grammatical(r) for r in responses])),
-        "finished_fraction": float(np.mean(np.asarray(out.finished))),
+        "finished_fraction": float(np.mean(out.finished)),
         "mean_length": float(lengths.mean()),
         "examples": [
             {"prompt": p, "response": r, "gold": round(float(g), 3)}

@@ -369,3 +369,54 @@ def sequence_logprobs(
     logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
     # `where`, not a product: a masked slot's value never reaches the result or its gradient.
     return jnp.where(loss_mask, logp, 0.0)
+
+
+# ----------------------------------------------------------------------------- text in, text out
+
+
+@dataclasses.dataclass
+class TextSamples:
+    """Decoded responses to text prompts: `responses` (EOS and padding dropped, stripped),
+    `lengths` (generated tokens, EOS included) and `finished` (emitted EOS), one per prompt."""
+
+    responses: list[str]
+    lengths: np.ndarray
+    finished: np.ndarray
+
+
+def sample_texts(
+    params: PyTree,
+    config: tm.TransformerConfig,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    cfg: SamplingConfig,
+    seed: int,
+    chunk: int = 256,
+) -> TextSamples:
+    """One response per text prompt (`<bos> prompt`), decoded, in chunks of `chunk` prompts.
+
+    Chunk j draws with `fold_in(PRNGKey(seed), j)` and every chunk is padded to the same prompt
+    length, so all chunks share one compiled program."""
+    if not prompts:
+        raise ValueError("sample_texts needs at least one prompt")
+    encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    length = bucket_length(max(len(e) for e in encoded))
+    key = jax.random.PRNGKey(seed)
+    responses: list[str] = []
+    lengths, finished = [], []
+    for j, start in enumerate(range(0, len(encoded), chunk)):
+        rows = encoded[start : start + chunk]
+        n_real = len(rows)
+        if start and n_real < chunk:
+            rows = rows + [rows[-1]] * (chunk - n_real)
+        batch = left_pad(rows, pad_id=tokenizer.pad_id, length=length)
+        out = sample(params, config, batch, jax.random.fold_in(key, j), cfg)
+        tokens = np.asarray(out.tokens)[:n_real]
+        n_tok = np.asarray(out.lengths)[:n_real]
+        responses += [
+            tokenizer.decode([t for t in row[:n] if t != cfg.eos_id]).strip()
+            for row, n in zip(tokens, n_tok)
+        ]
+        lengths.append(n_tok)
+        finished.append(np.asarray(out.finished)[:n_real])
+    return TextSamples(responses, np.concatenate(lengths), np.concatenate(finished))

@@ -34,7 +34,7 @@ import dataclasses
 import os
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ from warm_jax.errors import UserError
 TASKS = ("oracle", "hh_rlhf")
 ORACLE_OOD = ("drifted", "hacked")
 HH_OOD = ("helpful-rejection-sampled", "helpful-online")
+RESPONSE_SOURCES = ("grammar", "policy")
+# (prompts, seed) -> one response per prompt: how "policy" pairs get their responses.
+Responder = Callable[[list[str], int], list[str]]
 # The seeds of the `oracle_task/prefs` builder (oracle_builder.py), so that our pairs are its records.
 _PREFS_SEED_OFFSET = 500_009
 _VALIDATION_SEED_OFFSET = 1_000_003
@@ -63,6 +66,9 @@ class PairDataConfig:
     """Which pairs a reward-model experiment uses (saved with it, so evaluation rebuilds them).
 
     task: "oracle" or "hh_rlhf". max_len: tokens per side (`<bos> prompt response <eos>`).
+    responses (oracle): "grammar" draws train/validation responses from the task's SFT
+    distribution; "policy" samples them from the reward models' own SFT policy at
+    `policy_temperature` (the paper's setting), then labels them with the gold reward.
     corruption: fraction of training labels swapped (seeded by corruption_seed).
     ood: names of the OOD sets (oracle: "drifted", "hacked"; hh_rlhf: upstream subsets).
     oracle: num_train / num_validation / num_ood pairs, seed, beta (BT inverse temperature).
@@ -84,10 +90,18 @@ class PairDataConfig:
     train_subset: str = "helpful-base"
     max_train_pairs: int | None = None
     max_eval_pairs: int | None = None
+    responses: str = "grammar"
+    policy_temperature: float = 1.0
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise UserError(f"pair_data.task={self.task!r}; choose from {list(TASKS)}")
+        if self.responses not in RESPONSE_SOURCES:
+            raise UserError(
+                f"pair_data.responses={self.responses!r}; choose from {list(RESPONSE_SOURCES)}"
+            )
+        if self.responses == "policy" and self.task != "oracle":
+            raise UserError("pair_data.responses='policy' needs the oracle task (a gold labeller)")
         if not 0.0 <= self.corruption <= 1.0:
             raise UserError(f"pair_data.corruption must be in [0, 1], got {self.corruption}")
         object.__setattr__(self, "ood", tuple(self.ood))
@@ -203,15 +217,17 @@ def drift_response(rng: random.Random, prompt: str, response: str) -> str:
 
 
 def oracle_pair_records(
-    n: int, seed: int, source: str = "sft", beta: float = 5.0
+    n: int, seed: int, source: str = "sft", beta: float = 5.0, responder: Responder | None = None
 ) -> list[dict[str, Any]]:
     """`n` gold-labelled pairs: `{"id", "prompt", "chosen", "rejected", "gold_chosen",
-    "gold_rejected"}`. source "sft" gives the `oracle_task/prefs` builder's records for `seed`;
+    "gold_rejected"}`. source "sft" gives the `oracle_task/prefs` builder's records for `seed`
+    (or, with `responder`, two of its responses per prompt, drawn with seeds `seed`, `seed + 1`);
     "drifted" and "hacked" the OOD pairs of the module docstring."""
     prompts = oracle_task.sample_prompts(n, seed)
     if source == "sft":
-        a = oracle_task.sample_responses(prompts, seed)
-        b = oracle_task.sample_responses(prompts, seed + 1)
+        respond = responder or oracle_task.sample_responses
+        a = respond(prompts, seed)
+        b = respond(prompts, seed + 1)
     elif source == "drifted":
         rng = random.Random(f"drift/{seed}")
         a = [
@@ -316,15 +332,21 @@ def _subset(records: list[dict], cap: int | None, seed: int) -> list[dict]:
     return [records[i] for i in keep]
 
 
-def split_records(config: PairDataConfig) -> dict[str, list[dict[str, Any]]]:
-    """The raw records of every split: "train", "validation", "ood/<name>"."""
+def split_records(
+    config: PairDataConfig, responder: Responder | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The raw records of every split: "train", "validation", "ood/<name>". `responder` is
+    required when `config.responses == "policy"` (it draws the train/validation responses)."""
     c = config
+    if c.responses == "policy" and responder is None:
+        raise UserError("pair_data.responses='policy' needs the SFT policy to sample from")
     if c.task == "oracle":
         base = c.seed + _PREFS_SEED_OFFSET
+        r = responder if c.responses == "policy" else None
         out = {
-            "train": oracle_pair_records(c.num_train, base, "sft", c.beta),
+            "train": oracle_pair_records(c.num_train, base, "sft", c.beta, r),
             "validation": oracle_pair_records(
-                c.num_validation, base + _VALIDATION_SEED_OFFSET, "sft", c.beta
+                c.num_validation, base + _VALIDATION_SEED_OFFSET, "sft", c.beta, r
             ),
         }
         for name in c.ood:
@@ -348,10 +370,12 @@ def split_records(config: PairDataConfig) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def build_splits(config: PairDataConfig, tokenizer: TokenizerLike) -> PairSplits:
+def build_splits(
+    config: PairDataConfig, tokenizer: TokenizerLike, responder: Responder | None = None
+) -> PairSplits:
     """Encodes every split with `tokenizer` (see `encoding.encode_pair`) and corrupts the
     training labels."""
-    records = split_records(config)
+    records = split_records(config, responder)
     enc = {k: encode_pairs(v, tokenizer, config.max_len) for k, v in records.items()}
     train = enc.pop("train")
     if config.corruption:
