@@ -57,6 +57,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "warm_jax.merging_checkpoints",
         "merge Orbax checkpoints: average, SLERP of task vectors, LITI (streaming)",
     ),
+    "figures": (
+        "warm_jax.experiments.figures",
+        "regenerate a figure of the WARM / WARP papers at our scale (--list for the figures)",
+    ),
 }
 
 
