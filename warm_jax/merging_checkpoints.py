@@ -76,6 +76,14 @@ class Checkpoint:
         """(key path, shape) of every parameter, in tree order."""
         return list(zip(mg.leaf_paths(self.shapes), jax.tree.leaves(self.shapes)))
 
+    @functools.cached_property
+    def fingerprints(self) -> dict[str, str] | None:
+        """The array fingerprints saved with it (None for checkpoints written without them)."""
+        try:
+            return ck.saved_fingerprints(self.params_dir)
+        except UserError as e:
+            raise UserError(f"{self.label}: {e}") from None
+
 
 def _check_complete(params_dir: Path, label: str) -> None:
     """Cheap completeness checks that catch interrupted writes and partial copies up front
@@ -228,7 +236,7 @@ class _Reader:
                 [self._args(i, s) for i, (_, s) in enumerate(leaves)],
             )
         try:
-            return self._ckptr.restore(
+            out = self._ckptr.restore(
                 ckpt.params_dir,
                 args=ocp.args.PyTreeRestore(
                     item=item, restore_args=restore_args, partial_restore=partial
@@ -240,6 +248,9 @@ class _Reader:
                 f"cannot read {ckpt.label} (parameters from {first}, {len(indices)} arrays) "
                 f"in {ckpt.params_dir}: {type(e).__name__}: {e}"
             ) from None
+        # Done here, on the prefetch thread, so that it overlaps with the merge kernels.
+        ck.verify_fingerprints(out, ckpt.fingerprints, f"{ckpt.label} in {ckpt.params_dir}")
+        return out
 
 
 class _Prefetcher:
@@ -346,14 +357,24 @@ def make_spec(
     for name, value in (("t", t), ("eta", eta)):
         if value is not None and not np.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
+        # Beyond [0, 1] is extrapolation: with SLERP's sines (or LITI's lerp) the weights grow
+        # without bound and can overflow to inf in the written checkpoint.
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"--{name} must be in [0, 1] (interpolation), got {value}")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise UserError(f"eps must be a finite number >= 0, got {eps}")
     if method == "average":
         if has_base:
             raise UserError("average takes no --base (it is a plain weighted mean of the inputs)")
         if t is not None or eta is not None:
             raise UserError("average takes --weights, not --t or --eta")
         try:
-            w = tuple(float(x) for x in mg.normalize_weights(weights, n_inputs))
-        except ValueError as e:
+            given = None if weights is None else np.asarray(weights, np.float64).reshape(-1)
+            # Finite weights whose sum overflows: the same proportions, scaled down.
+            if given is not None and np.isfinite(given).all() and np.isinf(given.sum()):
+                given = given / given.max()
+            w = tuple(float(x) for x in mg.normalize_weights(given, n_inputs))
+        except (TypeError, ValueError) as e:
             raise UserError(f"--weights: {e}") from None
         return MergeSpec(method, n_inputs, w, None, None, granularity, eps)
     if not has_base:
@@ -511,8 +532,10 @@ def _write_multihost(output: Path, params: PyTree, metadata: dict, token: str) -
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / ck.PARAMS_ITEM, params)
+        fps = ck.fingerprints(params)  # a collective: every process computes it
         ckptr.wait_until_finished()
         if primary:
+            (tmp / ck.PARAMS_ITEM / ck.FINGERPRINTS_FILE).write_text(json.dumps(fps))
             (tmp / ck.META_FILE).write_text(json.dumps(metadata, indent=2, default=str))
             ck.commit_directory(tmp, output)
         ocp.multihost.sync_global_processes("warm_jax_merge_commit")

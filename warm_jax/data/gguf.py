@@ -42,9 +42,14 @@ STRING, ARRAY = 8, 9
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
+# Metadata values nest (arrays of arrays); real files nest one or two levels.
+_MAX_NESTING = 8
+
+
 class _Reader:
     def __init__(self, f: BinaryIO, path: Path):
         self.f, self.path = f, path
+        self.size = os.fstat(f.fileno()).st_size
 
     def read(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -55,19 +60,25 @@ class _Reader:
 
     def string(self) -> str:
         n = self.read("<Q")
-        raw = self.f.read(n)
-        if len(raw) != n:
+        if n > self.size - self.f.tell():  # checked before reading: n may claim exabytes
             raise UserError(f"{self.path}: truncated GGUF file (at byte {self.f.tell()})")
+        raw = self.f.read(n)
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.read(_SCALARS[vtype])
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
+            if depth >= _MAX_NESTING:
+                raise UserError(
+                    f"{self.path}: GGUF arrays nested too deeply (at byte {self.f.tell()})"
+                )
             etype, count = self.read("<I"), self.read("<Q")
-            return [self.value(etype) for _ in range(count)]
+            if count > self.size - self.f.tell():  # every element takes at least one byte
+                raise UserError(f"{self.path}: truncated GGUF file (at byte {self.f.tell()})")
+            return [self.value(etype, depth + 1) for _ in range(count)]
         raise UserError(f"{self.path}: unknown GGUF value type {vtype} (at byte {self.f.tell()})")
 
 
@@ -135,11 +146,29 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     if not tokens:
         raise UserError(f"{path}: no tokenizer.ggml.tokens in the metadata")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    raw_merges = meta.get("tokenizer.ggml.merges", [])
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    for key, value, ok in (
+        ("tokens", tokens, isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)),
+        (
+            "merges",
+            raw_merges,
+            isinstance(raw_merges, list)
+            and all(isinstance(m, str) and " " in m for m in raw_merges),
+        ),
+        ("token_type", types, isinstance(types, list) and len(types) == len(tokens)),
+        ("pre", pre, isinstance(pre, str)),
+    ):
+        if not ok:
+            raise UserError(f"{path}: malformed tokenizer.ggml.{key}: {str(value)[:80]}")
+    merges = [tuple(m.split(" ", 1)) for m in raw_merges]
     vocab = {t: i for i, t in enumerate(tokens)}
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path)
+    try:
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    except Exception as e:  # the Rust side raises plain Exceptions (e.g. a merge of unknown tokens)
+        raise UserError(f"{path}: the tokenizer in its metadata is invalid: {e}") from None
+    backend.pre_tokenizer = _pre_tokenizer(pre, path)
     backend.decoder = decoders.ByteLevel()
     specials = [t for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)]
     if specials:

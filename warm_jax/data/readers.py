@@ -17,6 +17,9 @@ from typing import Any
 
 from warm_jax.errors import UserError
 
+# Python's JSON decoder recurses once per nesting level; no real record nests this deep.
+_TOO_DEEP = "JSON nested too deeply to be a record"
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -60,6 +63,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise UserError(f"{path}:{line_no}: malformed JSON: {e.msg}") from None
                 except UnicodeDecodeError as e:
                     raise UserError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
+                except RecursionError:
+                    raise UserError(f"{path}:{line_no}: {_TOO_DEEP}") from None
                 if not isinstance(obj, dict):
                     raise UserError(
                         f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"
@@ -102,6 +107,8 @@ def read_json_array(path: str | os.PathLike) -> list[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        except RecursionError:
+            raise fail(i, _TOO_DEEP) from None
         line += text.count("\n", counted_to, i)
         counted_to = i
         out.append((line, obj))

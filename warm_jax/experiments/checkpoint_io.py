@@ -111,7 +111,7 @@ def export_checkpoint(
     src = Path(source)
     if not src.exists():
         raise UserError(f"--from {src}: not found")
-    formats.parse_location(destination, formats.EXPORT_SCHEMES)  # fail before reading weights
+    scheme, dest = formats.parse_location(destination, formats.EXPORT_SCHEMES)  # before any read
     config, tokenizer = _model_files(src, model_dir)
     weights = src if step is None else src / checkpoints.CHECKPOINTS_DIR / str(step)
     if not weights.exists():
@@ -119,9 +119,41 @@ def export_checkpoint(
     params = checkpoints.load_params(weights, target=_host_target(config))
     if tokenizer is None:
         print(f"note: no tokenizer found for {src}; pass --model_dir to export one too")
-    return formats.export_external(
-        destination, params, config, tokenizer=tokenizer, head=head, dtype=dtype
-    )
+    # Written beside the destination and renamed into place: an export killed part-way leaves
+    # the destination as it was (absent, or the previous complete export), never a directory
+    # with some safetensors shards and no config.json.
+    final = dest.absolute()
+    if final.exists() and not final.is_dir():
+        raise UserError(f"--to {destination}: {final} exists and is not a directory")
+    tmp = checkpoints.atomic_directory(final)
+    try:
+        _, written_head = formats.export_external(
+            f"{scheme}:{tmp}", params, config, tokenizer=tokenizer, head=head, dtype=dtype
+        )
+        _keep_unrelated_files(final, tmp)
+        checkpoints.commit_directory(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and checkpoints.is_disk_full(e):
+            raise UserError(
+                f"cannot export to {final}: no space left on device; nothing was changed there"
+            ) from e
+        raise
+    return final, written_head
+
+
+def _keep_unrelated_files(old: Path, new: Path) -> None:
+    """Copies into the new export what the destination held besides a previous export's own
+    files (a README, say), as writing into the directory in place used to keep them."""
+    if not old.is_dir():
+        return
+    for p in old.iterdir():
+        if (new / p.name).exists() or p.suffix == ".safetensors" or p.name.endswith(".index.json"):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, new / p.name, symlinks=True)
+        else:
+            shutil.copy2(p, new / p.name, follow_symlinks=False)
 
 
 def _host_target(config: tm.TransformerConfig) -> Any:

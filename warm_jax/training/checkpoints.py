@@ -9,19 +9,32 @@ Two kinds of directory hold model weights, and every loader here accepts either:
   which is what merges, exports and `save_params` write.
 
 Pointing a loader at a training workdir picks its latest step.
+
+Both kinds also record a *fingerprint* of every array (`params/fingerprints.json`, written once
+Orbax has finished that directory, or a `fingerprints` item of a training step), checked whenever
+the arrays are read back: Orbax stores array data compressed but without checksums, so a flipped
+bit in a data file would otherwise load as silently different weights. Checkpoints written before
+fingerprints existed load unchecked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -30,6 +43,177 @@ from warm_jax.errors import UserError
 PARAMS_ITEM = "params"
 META_FILE = "warm_jax.json"
 CHECKPOINTS_DIR = "checkpoints"
+FINGERPRINTS_FILE = "fingerprints.json"  # inside params/ in a params checkpoint
+FINGERPRINTS_ITEM = "fingerprints"  # an item of a training step
+QUARANTINE_DIR = "corrupt_checkpoints"  # where unreadable training steps are moved aside
+ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint that exists but cannot be trusted: unreadable metadata, data files that fail to
+    decode, or arrays that differ from the fingerprints written with them."""
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints: sum over elements of (raw bits x (2 i + 1)) mod 2**32, per array. The odd weights
+# make every single-bit flip change the sum; position weighting catches swapped blocks. It is
+# computed on the devices holding the arrays (one reduction per leaf, replicated result), so it
+# costs no host transfer and works for arrays sharded over several processes.
+
+
+def _unsigned_bits(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _device_fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
+    out = []
+    for x in leaves:
+        bits = _unsigned_bits(x).reshape(-1)
+        weights = jax.lax.iota(jnp.uint32, bits.size) * jnp.uint32(2) + jnp.uint32(1)
+        out.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return out
+
+
+def _host_fingerprint(x: np.ndarray, chunk: int = 1 << 22) -> int:
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint32).reshape(-1)
+    else:
+        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+        bits = x.reshape(-1).view(unsigned)
+    total = 0
+    for start in range(0, bits.size, chunk):  # chunked: bounded temporaries for big arrays
+        seg = bits[start : start + chunk].astype(np.uint32)
+        weights = np.arange(start, start + seg.size, dtype=np.uint64).astype(np.uint32)
+        weights <<= np.uint32(1)
+        weights |= np.uint32(1)
+        weights *= seg
+        total += int(weights.sum(dtype=np.uint64))
+    return total & 0xFFFFFFFF
+
+
+def _fingerprint_values(leaves: list[Any]) -> list[str]:
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    values: dict[int, int] = {}
+    if on_device:
+        sums = jax.device_get(_device_fingerprints([leaves[i] for i in on_device]))
+        values.update({i: int(v) for i, v in zip(on_device, sums)})
+    for i, x in enumerate(leaves):
+        if i not in values:
+            values[i] = _host_fingerprint(np.asarray(x))
+    return [f"{values[i]:08x}:{_dtype_name(x)}" for i, x in enumerate(leaves)]
+
+
+def _dtype_name(x: Any) -> str:
+    return np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype).name
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """`{key path: "<8 hex digits>:<dtype>"}` for every array of `tree` (numpy or jax)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = _fingerprint_values([x for _, x in flat])
+    return {jax.tree_util.keystr(k): v for (k, _), v in zip(flat, values)}
+
+
+def verify_fingerprints(tree: Any, expected: Mapping[str, str] | None, where: str) -> None:
+    """Raises CorruptCheckpointError naming the first array of `tree` whose fingerprint differs
+    from the one saved. Arrays read back in another dtype than saved (a cast) are not checked."""
+    if not expected:
+        return
+    checked = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = jax.tree_util.keystr(path)
+        saved = expected.get(key)
+        if saved is not None and not isinstance(saved, str):
+            raise CorruptCheckpointError(f"{where}: corrupt fingerprint of array {key}")
+        if saved is not None and saved.partition(":")[2] == _dtype_name(x):
+            checked.append((key, x, saved))
+    found = _fingerprint_values([x for _, x, _ in checked])
+    for (key, _, saved), got in zip(checked, found):
+        if got != saved:
+            raise CorruptCheckpointError(
+                f"{where}: array {key} does not match the fingerprint written with it "
+                f"(saved {saved}, read {got}): a data file of this checkpoint is damaged"
+            )
+
+
+def _read_fingerprint_file(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"corrupt fingerprint file {path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise CorruptCheckpointError(f"corrupt fingerprint file {path}: not a JSON object")
+    return saved
+
+
+def saved_fingerprints(params_dir: Path) -> dict[str, str] | None:
+    """The fingerprints saved for the Orbax tree at `params_dir` (a params checkpoint's
+    `params/`, or the `params` item of a training step), or None if none were."""
+    own = params_dir / FINGERPRINTS_FILE
+    if own.is_file():
+        return _read_fingerprint_file(own)
+    item = params_dir.parent / FINGERPRINTS_ITEM / "metadata"
+    if item.is_file():
+        saved = _read_fingerprint_file(item).get(params_dir.name)
+        if saved is not None and not isinstance(saved, dict):
+            raise CorruptCheckpointError(f"corrupt fingerprint file {item}")
+        return saved
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Disk-full errors: Orbax reports them as OSError(ENOSPC) from Python writes or as a tensorstore
+# ValueError carrying the OS error code in its message.
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()
+        if any(t in text for t in _DISK_FULL_TEXT) or "os_error_code='28'" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return f"{shutil.disk_usage(p).free / 2**20:.1f} MiB free on that filesystem"
+            except OSError:
+                break
+    return "free space unknown"
+
+
+def _settle_orbax_writers(timeout: float = 30.0) -> None:
+    """Waits (boundedly) for the writer threads of a failed Orbax save. `wait_until_finished`
+    returns once the save has failed, while its other writer threads may still be adding files
+    to the temporary directory for a moment; removing it before they end races them."""
+    try:
+        from orbax.checkpoint._src.futures.future import _SignalingThread
+    except ImportError:  # another Orbax layout: nothing to wait for by name
+        return
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if isinstance(t, _SignalingThread) and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _is_orbax_tree(path: Path) -> bool:
@@ -48,6 +232,12 @@ def resolve_params_dir(path: str | os.PathLike) -> Path:
     """The Orbax params tree inside a params checkpoint, a training step, or a training workdir."""
     p = Path(path).absolute()  # Orbax refuses relative paths
     if not p.exists():
+        old = sorted(p.parent.glob(f".{p.name}.old-*")) if p.parent.is_dir() else []
+        if old:
+            raise UserError(
+                f"checkpoint not found: {p}; an interrupted overwrite left the previous copy at "
+                f"{old[-1]} (rename it back to use it)"
+            )
         raise UserError(f"checkpoint not found: {p}")
     if _is_orbax_tree(p):
         return p
@@ -68,9 +258,15 @@ def params_shapes(path: str | os.PathLike) -> Any:
     try:
         meta = ocp.StandardCheckpointer().metadata(params_dir)
     except Exception as e:  # Orbax raises many types on a damaged checkpoint.
-        raise UserError(f"unreadable checkpoint metadata in {params_dir}: {e}") from None
+        raise CorruptCheckpointError(
+            f"unreadable checkpoint metadata in {params_dir}: {e}"
+        ) from None
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
+    if tree is None:  # Orbax only logs a warning when it cannot read the tree's metadata
+        raise CorruptCheckpointError(
+            f"unreadable checkpoint metadata in {params_dir} (Orbax could not read its tree)"
+        )
     return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
         tree,
@@ -110,10 +306,13 @@ def load_params(path: str | os.PathLike, target: Any | None = None) -> Any:
         target = params_shapes(params_dir)
     else:
         check_same_structure(target, params_shapes(params_dir), where=str(params_dir))
+    expected = saved_fingerprints(params_dir)
     try:
-        return ocp.StandardCheckpointer().restore(params_dir, target)
+        params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:
-        raise UserError(f"cannot restore parameters from {params_dir}: {e}") from None
+        raise CorruptCheckpointError(f"cannot restore parameters from {params_dir}: {e}") from None
+    verify_fingerprints(params, expected, str(params_dir))
+    return params
 
 
 def load_metadata(path: str | os.PathLike) -> dict:
@@ -124,9 +323,12 @@ def load_metadata(path: str | os.PathLike) -> dict:
     for candidate in (root / META_FILE, root / "meta" / "metadata"):
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
-            except json.JSONDecodeError as e:
+                meta = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UserError(f"corrupt metadata file {candidate}: {e}") from None
+            if not isinstance(meta, dict):
+                raise UserError(f"corrupt metadata file {candidate}: not a JSON object")
+            return meta
     return {}
 
 
@@ -136,53 +338,142 @@ def atomic_directory(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
 
+@functools.cache
+def _renameat2() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or glibc < 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux RENAME_EXCHANGE); False where the
+    system or filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def commit_directory(tmp: Path, final: Path) -> None:
-    """Replaces `final` by `tmp`; the old copy is removed only once the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Replaces `final` by `tmp`. There is no instant without a complete copy at `final`: an
+    existing one is swapped atomically with the new one where the OS can (Linux), else moved
+    aside, then removed only once the new one is in place."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old copy
+        return
+    # Unique: an `.old` copy left by an earlier interrupted commit must not block this one.
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.rmdir(old)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_params(directory: str | os.PathLike, params: Any, metadata: Mapping | None = None) -> Path:
-    """Writes a params checkpoint; nothing appears at `directory` until it is complete."""
+    """Writes a params checkpoint; nothing appears at `directory` until it is complete, and an
+    existing checkpoint there stays whole until the new one replaces it."""
     final = Path(directory).absolute()
     tmp = atomic_directory(final)
+    ckptr = ocp.StandardCheckpointer()
     try:
-        ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / PARAMS_ITEM, params)
+        fps = fingerprints(params)
         ckptr.wait_until_finished()
+        (tmp / PARAMS_ITEM / FINGERPRINTS_FILE).write_text(json.dumps(fps))
         (tmp / META_FILE).write_text(json.dumps(dict(metadata or {}), indent=2, default=str))
         commit_directory(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        # Orbax's writer threads may still be adding files to `tmp`: let them end first, or
+        # the removal races them and leaves a partial copy (and its disk space) behind.
+        with contextlib.suppress(Exception):
+            ckptr.wait_until_finished()
+        _settle_orbax_writers()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise UserError(
+                f"cannot write checkpoint {final}: no space left on device ({_free_space(final)}); "
+                f"nothing was written there{' and the existing one is unchanged' if final.exists() else ''}"
+            ) from e
         raise
     return final
 
 
 class TrainCheckpoints:
     """The Orbax CheckpointManager of one training run: params, optimizer state + RNG + step,
-    data-iterator position and metadata, saved asynchronously every `every` steps."""
+    data-iterator position, metadata and array fingerprints, saved asynchronously every `every`
+    steps.
 
-    def __init__(self, workdir: str | os.PathLike, *, every: int, max_to_keep: int | None = 3):
-        self.directory = Path(workdir).absolute() / CHECKPOINTS_DIR
-        self.manager = ocp.CheckpointManager(
+    `writer=True` (the training run itself) removes the unfinished temporary directories a killed
+    run left behind; observers that only read (`latest_step`) must not, as those may belong to a
+    save still in flight."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        every: int,
+        max_to_keep: int | None = 3,
+        writer: bool = False,
+    ):
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINTS_DIR
+        self._every, self._max_to_keep = every, max_to_keep
+        if writer:
+            self._discard_unfinished()
+        self.manager = self._manager()
+        self._in_flight: int | None = None
+
+    def _manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=max(1, every),
-                max_to_keep=max_to_keep,
+                save_interval_steps=max(1, self._every),
+                max_to_keep=self._max_to_keep,
                 enable_async_checkpointing=True,
             ),
         )
 
+    def _discard_unfinished(self) -> None:
+        """Removes the temporary step directories of saves that never finished (a killed run, a
+        full disk); finished steps are never touched. (Rather than Orbax's own cleanup, which
+        raises if anything is still being written there.)"""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for p in self.directory.iterdir():
+            if ORBAX_TMP_MARK in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
     def saved_params_shapes(self, step: int) -> Any:
-        return params_shapes(self.directory / str(step) / PARAMS_ITEM)
+        return params_shapes(self.step_dir(step) / PARAMS_ITEM)
+
+    def will_save(self, step: int) -> bool:
+        """Whether `save(step)` (without force) writes a checkpoint."""
+        return self.manager.should_save(step)
 
     def save(
         self,
@@ -194,35 +485,115 @@ class TrainCheckpoints:
         meta: Mapping,
         force: bool = False,
     ) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                train=ocp.args.StandardSave(train),
-                data=ocp.args.JsonSave(dict(data_state)),
-                meta=ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=str))),
-            ),
-            force=force,
-        )
+        if not (force or self.manager.should_save(step)):
+            return False
+        fps = {PARAMS_ITEM: fingerprints(params), "train": fingerprints(train)}
+        with self._disk_full_as_user_error(current=step):
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    train=ocp.args.StandardSave(train),
+                    data=ocp.args.JsonSave(dict(data_state)),
+                    meta=ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=str))),
+                    **{FINGERPRINTS_ITEM: ocp.args.JsonSave(fps)},
+                ),
+                force=force,
+            )
+        if saved:
+            self._in_flight = step
+        return saved
 
     def restore(self, step: int, *, params: Any, train: Any) -> dict:
-        """Restores onto the abstract trees given (shapes checked first, shardings applied)."""
-        check_same_structure(
-            params, self.saved_params_shapes(step), where=str(self.directory / str(step))
-        )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params),
-                train=ocp.args.StandardRestore(train),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        """Restores onto the abstract trees given (shapes checked first, shardings applied) and
+        checks the arrays against their fingerprints. A step that exists but cannot be read back
+        intact raises CorruptCheckpointError."""
+        where = str(self.step_dir(step))
+        check_same_structure(params, self.saved_params_shapes(step), where=where)
+        has_fps = (self.step_dir(step) / FINGERPRINTS_ITEM).is_dir()
+        items = {
+            "params": ocp.args.StandardRestore(params),
+            "train": ocp.args.StandardRestore(train),
+            "data": ocp.args.JsonRestore(),
+            "meta": ocp.args.JsonRestore(),
+            **({FINGERPRINTS_ITEM: ocp.args.JsonRestore()} if has_fps else {}),
+        }
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax, tensorstore and json raise many types on damaged files
+            raise CorruptCheckpointError(
+                f"cannot restore checkpoint {where}: {type(e).__name__}: {e}"
+            ) from None
+        fps = restored[FINGERPRINTS_ITEM] if has_fps else {}
+        if not isinstance(fps, dict) or not all(isinstance(v, dict) for v in fps.values()):
+            raise CorruptCheckpointError(f"{where}: corrupt fingerprints item")
+        for item in ("params", "train"):
+            verify_fingerprints(restored[item], fps.get(item), f"{where}/{item}")
+        for item in ("data", "meta"):
+            if not isinstance(restored[item], dict):
+                raise CorruptCheckpointError(f"{where}/{item}: expected a JSON object")
         return {k: restored[k] for k in ("params", "train", "data", "meta")}
 
+    def quarantine(self, step: int) -> Path:
+        """Moves an unreadable step out of `checkpoints/` (so that loaders stop picking it and the
+        run can write that step again) into `corrupt_checkpoints/`; returns where it went."""
+        dest_root = self.workdir / QUARANTINE_DIR
+        dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:  # one mover on a shared filesystem
+            dest_root.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while dest.exists():
+                dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+                n += 1
+            os.replace(self.step_dir(step), dest)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("warm_jax_quarantine")
+        self.manager.reload()
+        return dest
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_as_user_error():
+            self.manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            # A failed save was raised by wait() just above; close() would raise it again.
+            with contextlib.suppress(Exception):
+                self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_as_user_error(self, current: int | None = None):
+        """Turns a disk-full failure of a (possibly earlier, asynchronous) save into a UserError
+        that says which save failed and which complete checkpoint remains."""
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            failed, self._in_flight = self._in_flight, None
+            with contextlib.suppress(Exception):
+                self.manager.wait_until_finished()
+            _settle_orbax_writers()
+            self._discard_unfinished()  # its disk space is what the user is short of
+            try:
+                self.manager.reload()
+                finished = set(self.manager.all_steps())
+            except Exception:
+                finished = set()
+            if failed is None or failed in finished:  # the earlier save did complete
+                failed = current
+            latest = max(finished, default=None)
+            kept = (
+                f"the last complete checkpoint, step {latest}, is intact"
+                if latest is not None
+                else "no complete checkpoint exists yet"
+            )
+            what = f"the checkpoint of step {failed}" if failed is not None else "a checkpoint"
+            raise UserError(
+                f"no space left on device while writing {what} in {self.directory} "
+                f"({_free_space(self.directory)}); {kept}, and the unfinished one was deleted. "
+                "Free some space and rerun the same command to resume from it."
+            ) from e

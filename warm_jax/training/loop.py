@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,12 +22,24 @@ from tqdm.auto import tqdm
 
 from warm_jax import sharding as shd
 from warm_jax.errors import UserError
-from warm_jax.training.checkpoints import TrainCheckpoints, check_same_structure
+from warm_jax.training.checkpoints import (
+    CorruptCheckpointError,
+    TrainCheckpoints,
+    check_same_structure,
+)
 from warm_jax.training.metrics import MetricsWriter, plot_curves, read_jsonl
 
 PyTree = Any
 # loss_fn(params, batch, rng, aux) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array, PyTree], tuple[jax.Array, dict]]
+ON_CORRUPT = ("error", "fallback")
+# How many skipped step numbers the checkpoint metadata lists (the count is always kept).
+_SKIPPED_LISTED = 100
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A training step produced a non-finite loss or gradient (a UserError, so the command line
+    reports it as a message rather than a traceback)."""
 
 
 class StatefulIterator(Protocol):
@@ -93,11 +106,19 @@ def make_train_step(
     sched: optax.Schedule,
     accum_steps: int,
     aux_update: Callable[[PyTree, PyTree], PyTree] | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
-    """state, batch, aux -> (state, metrics). With accum_steps > 1 the batch is cut into
+    """state, batch, aux -> (state, metrics, health). With accum_steps > 1 the batch is cut into
     micro-batches (strided, so each stays split over the data axes) whose gradients are averaged.
     With `aux_update`, the auxiliary tree lives in the state (`state["aux"]`, checkpointed) and is
-    updated after every optimizer step as `aux_update(aux, new_params)` (e.g. an EMA anchor)."""
+    updated after every optimizer step as `aux_update(aux, new_params)` (e.g. an EMA anchor).
+
+    `health` holds `finite` (loss and gradient norm finite) and `grads_finite` (one flag per
+    parameter leaf, to name the culprit). With `skip_nonfinite`, a non-finite step leaves
+    everything but the step counter as it was: parameters, optimizer state (its update count
+    included), RNG and aux, i.e. exactly the run that never saw that batch. (Not
+    `optax.apply_if_finite`: it adds its own optimizer state, so the switch could not be turned
+    on for a resumed run, and it looks at the gradients only, not the loss.)"""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def grads_of(params, batch, rng, aux):
@@ -130,10 +151,11 @@ def make_train_step(
         loss, metrics, grads = grads_of(state["params"], batch, step_rng, aux)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
         metrics = {
             **metrics,
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": sched(state["step"]),
         }
         new_state = {
@@ -144,7 +166,19 @@ def make_train_step(
         }
         if aux_update is not None:
             new_state["aux"] = aux_update(aux, params)
-        return new_state, metrics
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            new_state = {
+                k: v
+                if k == "step"
+                else jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, state[k])
+                for k, v in new_state.items()
+            }
+        health = {
+            "finite": finite,
+            "grads_finite": jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),
+        }
+        return new_state, metrics, health
 
     return step
 
@@ -161,11 +195,89 @@ def _put_batch(batch: Mapping, shardings: PyTree) -> dict:
     )
 
 
-def _first_nonfinite(tree: PyTree) -> str | None:
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not bool(jnp.all(jnp.isfinite(x))):
-            return jax.tree_util.keystr(path)
+def _nonfinite_message(
+    step: int, metrics: Mapping, health: Mapping, leaf_names: list[str], ckpts: TrainCheckpoints
+) -> str:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    flags = np.asarray(jax.device_get(health["grads_finite"]))
+    bad = [leaf_names[i] for i in np.flatnonzero(~flags)]
+    if bad:
+        culprit = f"first non-finite gradient: {bad[0]}"
+        if len(bad) > 1:
+            culprit += f" (and {len(bad) - 1} more of {len(leaf_names)} parameter arrays)"
+    elif not np.isfinite(loss):
+        culprit = "every gradient is finite: the loss alone is non-finite"
+    else:
+        culprit = "every gradient is finite, but their global norm overflows"
+    try:
+        ckpts.wait()  # so that the step reported below is one that is complete on disk
+        latest = ckpts.latest_step()
+    except UserError:
+        latest = None
+    kept = (
+        f"the last good checkpoint is step {latest} in {ckpts.directory}"
+        if latest is not None
+        else "no checkpoint was written yet"
+    )
+    return (
+        f"non-finite training step {step}: loss {loss}, gradient norm {grad_norm}; {culprit}. "
+        f"Nothing of this step was saved; {kept}. Set train.skip_nonfinite=True to skip such "
+        "batches instead."
+    )
+
+
+def _window_state(window: list[Mapping]) -> list[dict]:
+    """The metrics of the steps since the last log line, for the checkpoint: a run resumed
+    between two log lines then averages the same steps (in the same dtype) as one never
+    stopped, and its metrics file reads the same."""
+    return [
+        {k: [float(v), np.asarray(v).dtype.name] for k, v in row.items()}
+        for row in jax.device_get(window)
+    ]
+
+
+def _restore_window(saved: list) -> list[dict]:
+    return [{k: np.asarray(v, dtype) for k, (v, dtype) in row.items()} for row in saved]
+
+
+def _intact_latest(
+    ckpts: TrainCheckpoints, shapes: PyTree, where: str, on_corrupt: str, below: int | None = None
+) -> int | None:
+    """The newest step (below `below`) whose parameter tree can be read and matches the model.
+    A step whose metadata is unreadable is an error, or with on_corrupt='fallback' is moved aside
+    with a warning and the next older one is tried. A tree of another model is always an error."""
+    for step in reversed(ckpts.all_steps()):
+        if below is not None and step >= below:
+            continue
+        try:
+            saved = ckpts.saved_params_shapes(step)
+        except CorruptCheckpointError as e:
+            _fall_back_or_raise(ckpts, step, e, on_corrupt)
+            continue
+        check_same_structure(shapes, saved, where=where)
+        return step
     return None
+
+
+def _fall_back_or_raise(
+    ckpts: TrainCheckpoints, step: int, error: CorruptCheckpointError, on_corrupt: str
+) -> None:
+    older = [s for s in ckpts.all_steps() if s < step]
+    if on_corrupt != "fallback":
+        hint = (
+            f" An older checkpoint exists (step {older[-1]}): set "
+            "train.on_corrupt_checkpoint='fallback' to resume from it."
+            if older
+            else ""
+        )
+        raise CorruptCheckpointError(f"{error}.{hint}") from None
+    moved = ckpts.quarantine(step)
+    warnings.warn(
+        f"train: checkpoint step {step} is unreadable and was skipped ({error}); moved to {moved}; "
+        + (f"falling back to step {older[-1]}" if older else "no older checkpoint is left"),
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @gin.configurable(
@@ -178,6 +290,8 @@ def _first_nonfinite(tree: PyTree) -> str | None:
         "log_every",
         "seed",
         "progress",
+        "skip_nonfinite",
+        "on_corrupt_checkpoint",
     ]
 )
 def train(
@@ -203,6 +317,8 @@ def train(
     log_every: int = 10,
     seed: int = 0,
     progress: bool = True,
+    skip_nonfinite: bool = False,
+    on_corrupt_checkpoint: str = "error",
     on_step: Callable[[int, PyTree], None] | None = None,
     description: str = "train",
 ) -> TrainResult:
@@ -212,12 +328,23 @@ def train(
 
     `aux` is passed to `loss_fn` unchanged (frozen inputs: a reward model, a reference policy);
     with `aux_update` it becomes trained state instead (see `make_train_step`). `optimizer`
-    replaces the gin-configured `make_optimizer` (e.g. one vmapped over ensemble members)."""
+    replaces the gin-configured `make_optimizer` (e.g. one vmapped over ensemble members).
+
+    A step with a non-finite loss or gradient stops the run (NonFiniteError naming the step and
+    the first non-finite gradient; nothing of that step is saved), or with `skip_nonfinite` is
+    skipped: its update is not applied and the `skipped_steps` metric counts it.
+    `on_corrupt_checkpoint`: what to do when the latest checkpoint cannot be read back intact:
+    'error' (stop, the default) or 'fallback' (move it to `corrupt_checkpoints/`, warn, and resume
+    from the newest intact one)."""
     if (init_fn is None) == (init_params is None):
         raise ValueError("train: give exactly one of init_fn and init_params")
     for name, value in (("num_steps", num_steps), ("accum_steps", accum_steps)):
         if value < 1:
             raise UserError(f"train.{name} must be >= 1, got {value}")
+    if on_corrupt_checkpoint not in ON_CORRUPT:
+        raise UserError(
+            f"train.on_corrupt_checkpoint={on_corrupt_checkpoint!r}; choose from {list(ON_CORRUPT)}"
+        )
     workdir = Path(workdir)
     mesh = mesh or shd.make_mesh()
     rules = rules or shd.logical_rules()
@@ -227,11 +354,9 @@ def train(
     shapes = jax.eval_shape(init_fn, init_rng) if init_fn is not None else init_params
     param_shardings = shd.tree_shardings(param_axes, shapes, mesh, rules)
 
-    ckpts = TrainCheckpoints(workdir, every=checkpoint_every, max_to_keep=max_to_keep)
-    latest = ckpts.latest_step()
-    if latest is not None:
-        # Before any array is created: a workdir of another model stops here, untouched.
-        check_same_structure(shapes, ckpts.saved_params_shapes(latest), where=str(workdir))
+    ckpts = TrainCheckpoints(workdir, every=checkpoint_every, max_to_keep=max_to_keep, writer=True)
+    # Before any array is created: a workdir of another model stops here, untouched.
+    latest = _intact_latest(ckpts, shapes, str(workdir), on_corrupt_checkpoint)
 
     with jax.set_mesh(mesh):
         if init_fn is not None:
@@ -268,16 +393,33 @@ def train(
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     start = 0
-    if latest is not None:
-        abstract = _abstract(state)
-        restored = ckpts.restore(
-            latest,
-            params=abstract["params"],
-            train={k: abstract[k] for k in train_keys},
-        )
+    skipped: list[int] = []
+    num_skipped = 0
+    window: list[dict] = []  # metrics of the steps since the last log line
+    abstract = _abstract(state)
+    while latest is not None:
+        try:
+            restored = ckpts.restore(
+                latest,
+                params=abstract["params"],
+                train={k: abstract[k] for k in train_keys},
+            )
+        except CorruptCheckpointError as e:
+            _fall_back_or_raise(ckpts, latest, e, on_corrupt_checkpoint)
+            latest = _intact_latest(ckpts, shapes, str(workdir), on_corrupt_checkpoint, latest)
+            continue
         state = {"params": restored["params"], **restored["train"]}
         batches.set_state(restored["data"])
         start = int(state["step"])
+        skipped = list(restored["meta"].get("skipped_at", []))
+        num_skipped = int(restored["meta"].get("skipped_steps", 0))
+        window = _restore_window(restored["meta"].get("log_window", []))
+        break
+    if latest is None and ckpts.all_steps():
+        raise CorruptCheckpointError(
+            f"{ckpts.directory}: no intact checkpoint left (the unreadable ones were moved to "
+            f"{workdir / 'corrupt_checkpoints'}); remove {ckpts.directory} to start over"
+        )
 
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0  # one process writes the run's side files
@@ -285,14 +427,16 @@ def train(
         (workdir / "operative_config.gin").write_text(gin.config_str())
     writer = MetricsWriter(workdir, start_step=start, enabled=lead)
     step_fn = jax.jit(
-        make_train_step(loss_fn, tx, sched, accum_steps, aux_update),
+        make_train_step(loss_fn, tx, sched, accum_steps, aux_update, skip_nonfinite),
         in_shardings=(state_shardings, None, None),
-        out_shardings=(state_shardings, repl),
+        out_shardings=(state_shardings, repl, repl),
         donate_argnums=(0,),
     )
+    leaf_names = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    ]
     meta = {"description": description, "gin": gin.config_str(), **(meta or {})}
     batch_shardings = None
-    window: list[dict] = []
     bar = tqdm(
         total=num_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True
     )
@@ -309,36 +453,50 @@ def train(
                 shd.check_batch_divisible(size // accum_steps, mesh, rules, "micro-batch size")
                 batch_shardings = shd.batch_shardings(batch, mesh, rules)
             with jax.set_mesh(mesh):
-                state, metrics = step_fn(
+                state, metrics, health = step_fn(
                     state, _put_batch(batch, batch_shardings), None if aux_update else aux
                 )
-            window.append(metrics)
-            if not np.isfinite(float(metrics["loss"])):
-                culprit = _first_nonfinite(state["params"]) or "(parameters finite)"
-                raise FloatingPointError(
-                    f"non-finite loss at step {step}; first non-finite parameter: {culprit}. "
-                    f"The last good checkpoint is in {ckpts.directory}"
+            if bool(health["finite"]):
+                window.append(metrics)
+            elif skip_nonfinite:
+                num_skipped += 1
+                skipped = [*skipped, step][-_SKIPPED_LISTED:]
+                warnings.warn(
+                    f"train: step {step} has a non-finite loss or gradient; its update was "
+                    f"skipped ({num_skipped} skipped so far)",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
+            else:
+                raise NonFiniteError(_nonfinite_message(step, metrics, health, leaf_names, ckpts))
             if on_step is not None:
                 on_step(step, state["params"])
             if step % log_every == 0 or step == num_steps:
                 host = jax.device_get(window)
-                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]} if host else {}
+                if skip_nonfinite:
+                    row["skipped_steps"] = num_skipped
                 window = []
                 writer.write(step, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if "loss" in row:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
             if eval_fn is not None and (
                 (eval_every and step % eval_every == 0) or step == num_steps
             ):
                 writer.write(step, {f"eval/{k}": v for k, v in eval_fn(state["params"]).items()})
-            ckpts.save(
-                step,
-                params=state["params"],
-                train={k: state[k] for k in train_keys},
-                data_state=batches.get_state(),
-                meta={**meta, "step": step},
-                force=step == num_steps,
-            )
+            force = step == num_steps
+            if force or ckpts.will_save(step):
+                extra = {"log_window": _window_state(window)} if window else {}
+                if skip_nonfinite or num_skipped:
+                    extra.update(skipped_steps=num_skipped, skipped_at=skipped)
+                ckpts.save(
+                    step,
+                    params=state["params"],
+                    train={k: state[k] for k in train_keys},
+                    data_state=batches.get_state(),
+                    meta={**meta, "step": step, **extra},
+                    force=force,
+                )
             bar.update(1)
         ckpts.wait()
     finally:
