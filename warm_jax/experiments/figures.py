@@ -470,22 +470,23 @@ class PolicyEval:
         with gin.config_scope(scope):
             rl_cfg = reinforce.rl_config()
             kw = effective(rl_lib.rl)
-        self.mesh, self.config, tok, self.sft, r, c = rl_lib._setup(
-            ctx.sft, reward, kw["control"], "figures"
+        run = rl_lib.prepare_run(
+            ctx.sft,
+            reward,
+            kw["control"],
+            rl_cfg,
+            task=kw["task"],
+            num_prompts=kw["num_prompts"],
+            prompt_seed=kw["prompt_seed"],
+            num_eval_prompts=kw["num_eval_prompts"],
+            eval_seed=kw["eval_seed"],
+            eval_samples=kw["eval_samples"],
+            what="figures",
         )
-        _, eval_arrays = rl_lib._prompt_sets(
-            tok,
-            kw["task"],
-            kw["num_prompts"],
-            kw["prompt_seed"],
-            kw["num_eval_prompts"],
-            kw["eval_seed"],
-        )
-        if eval_arrays is None:
+        if run.evaluator is None:
             raise UserError("rl.num_eval_prompts = 0: the figures need held-out evaluations")
-        self.evaluator = rl_lib._evaluator(
-            self.config, rl_cfg, r, c, tok, eval_arrays, kw["eval_samples"], kw["eval_seed"]
-        )
+        self.mesh, self.config, self.sft = run.mesh, run.config, run.sft_params
+        self.evaluator = run.evaluator
 
     def __call__(self, params) -> dict[str, float]:
         return self.evaluator(params, self.sft)

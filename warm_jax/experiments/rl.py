@@ -167,6 +167,44 @@ def _evaluator(config, rl_cfg, r, c, tokenizer, eval_arrays, eval_samples, eval_
     )
 
 
+@dataclasses.dataclass
+class RunSetup:
+    """What an RL-style job needs from its settings: the SFT policy (on the mesh), the reward and
+    control, the training prompts and the held-out evaluator (None without held-out prompts)."""
+
+    mesh: Mesh
+    config: tm.TransformerConfig
+    tokenizer: Tokenizer
+    sft_params: PyTree
+    reward: rw_lib.Reward
+    control: rw_lib.Reward | None
+    train_prompts: dict[str, np.ndarray]
+    evaluator: reinforce.Evaluator | None
+
+
+def prepare_run(
+    init_from,
+    reward: str,
+    control: str,
+    rl_cfg: reinforce.RLConfig,
+    *,
+    task: str,
+    num_prompts: int,
+    prompt_seed: int,
+    num_eval_prompts: int,
+    eval_seed: int,
+    eval_samples: int,
+    what: str,
+) -> RunSetup:
+    """Loads the policy and rewards and builds the prompt sets and evaluator of `rl`/`warp`."""
+    mesh, config, tokenizer, sft_params, r, c = _setup(init_from, reward, control, what)
+    train_arrays, eval_arrays = _prompt_sets(
+        tokenizer, task, num_prompts, prompt_seed, num_eval_prompts, eval_seed
+    )
+    evaluator = _evaluator(config, rl_cfg, r, c, tokenizer, eval_arrays, eval_samples, eval_seed)
+    return RunSetup(mesh, config, tokenizer, sft_params, r, c, train_arrays, evaluator)
+
+
 # ----------------------------------------------------------------------------- rl
 
 
@@ -234,11 +272,21 @@ def rl(
     rl_cfg = reinforce.rl_config()
     if task not in TASKS:
         raise UserError(f"rl.task={task!r}; choose from {list(TASKS)}")
-    mesh, config, tokenizer, sft_params, r, c = _setup(init_from, reward, control, "rl")
-    train_arrays, eval_arrays = _prompt_sets(
-        tokenizer, task, num_prompts, prompt_seed, num_eval_prompts, eval_seed
+    run = prepare_run(
+        init_from,
+        reward,
+        control,
+        rl_cfg,
+        task=task,
+        num_prompts=num_prompts,
+        prompt_seed=prompt_seed,
+        num_eval_prompts=num_eval_prompts,
+        eval_seed=eval_seed,
+        eval_samples=eval_samples,
+        what="rl",
     )
-    evaluator = _evaluator(config, rl_cfg, r, c, tokenizer, eval_arrays, eval_samples, eval_seed)
+    mesh, config, tokenizer, sft_params = run.mesh, run.config, run.tokenizer, run.sft_params
+    r, c, train_arrays, evaluator = run.reward, run.control, run.train_prompts, run.evaluator
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pretrain_lib.save_model_files(workdir, config, tokenizer)
@@ -311,11 +359,21 @@ def warp(
     for d in compare_with:
         if not (Path(d) / "metrics.jsonl").is_file():
             raise UserError(f"warp.compare_with: {d!r} is not a training workdir (no metrics)")
-    mesh, config, tokenizer, sft_params, r, c = _setup(init_from, reward, control, "warp")
-    train_arrays, eval_arrays = _prompt_sets(
-        tokenizer, task, num_prompts, prompt_seed, num_eval_prompts, eval_seed
+    run = prepare_run(
+        init_from,
+        reward,
+        control,
+        rl_cfg,
+        task=task,
+        num_prompts=num_prompts,
+        prompt_seed=prompt_seed,
+        num_eval_prompts=num_eval_prompts,
+        eval_seed=eval_seed,
+        eval_samples=eval_samples,
+        what="warp",
     )
-    evaluator = _evaluator(config, rl_cfg, r, c, tokenizer, eval_arrays, eval_samples, eval_seed)
+    mesh, config, tokenizer, sft_params = run.mesh, run.config, run.tokenizer, run.sft_params
+    r, c, train_arrays, evaluator = run.reward, run.control, run.train_prompts, run.evaluator
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pretrain_lib.save_model_files(workdir, config, tokenizer)
