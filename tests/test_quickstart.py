@@ -69,7 +69,8 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     root = tmp_path / "runs/qs"
     s = json.loads((root / "summary.json").read_text())
-    assert set(s["seconds"]) == set(qs.STAGES)
+    assert set(s["seconds"]) == set(qs.STAGES) == set(s["cpu_seconds"])
+    assert all(v > 0 for v in s["cpu_seconds"].values())
     assert s["pretrain"]["validation_loss"] > 0
     # Reward models: 8 validation pairs, accuracies are fractions of them.
     for split, row in s["reward_models"].items():
@@ -110,3 +111,21 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path, monkeypatch, caps
     assert out.count("complete, skipped") == len(qs.STAGES)
     again = json.loads((root / "summary.json").read_text())
     assert again["win_rate"] == s["win_rate"] and again["reward_models"] == s["reward_models"]
+
+
+def test_seed_flag_binds_every_training_seed_and_gin_overrides_win(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    only_pretrain = "--gin.quickstart.stages=('pretrain',)"
+    losses = {}
+    for name, extra in (("s0", []), ("s3", ["--seed", "3", "--gin.member_specs.seed=5"])):
+        assert cli.main(["quickstart", "--workdir", name, *TOY, only_pretrain, *extra]) == 0
+        config = (tmp_path / name / "quickstart_config.gin").read_text()
+        rows = [json.loads(x) for x in (tmp_path / name / "pretrain/metrics.jsonl").open()]
+        losses[name] = [r["loss"] for r in rows if "loss" in r]
+        if name == "s3":
+            for binding in qs.SEED_BINDINGS:
+                want = 5 if binding == "member_specs.seed" else 3
+                assert f"{binding} = {want}" in config, binding
+    # Another initialisation and data order: the training curve is not the seed-0 one.
+    assert len(losses["s0"]) == len(losses["s3"]) > 0
+    assert losses["s0"] != losses["s3"]

@@ -63,10 +63,11 @@ def _pretrain_done(workdir: Path) -> bool:
 
 
 class _Stages:
-    """Runs each stage unless its marker file exists, printing one line per stage."""
+    """Runs each stage unless its marker file exists, printing one line per stage and keeping
+    its wall and CPU seconds (CPU over all threads: on a shared machine, the less noisy one)."""
 
     def __init__(self, only: Sequence[str]):
-        self.only, self.seconds = set(only), {}
+        self.only, self.seconds, self.cpu_seconds = set(only), {}, {}
 
     def __call__(self, i: int, name: str, done: Callable[[], bool], what: str, fn) -> None:
         tag = f"[{i}/{len(STAGES)}] {name}"
@@ -77,9 +78,10 @@ class _Stages:
             print(f"{tag}: complete, skipped")
             return
         print(f"{tag}: {what}", flush=True)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         fn()
         self.seconds[name] = round(time.time() - t0, 1)
+        self.cpu_seconds[name] = round(time.process_time() - c0, 1)
 
 
 def explained(prompt: str, response: str) -> dict:
@@ -248,6 +250,7 @@ def quickstart(
     # A rerun skips finished stages: keep the times measured when they ran.
     previous = _read(root / SUMMARY_FILE) or {}
     summary["seconds"] = {**previous.get("seconds", {}), **run.seconds}
+    summary["cpu_seconds"] = {**previous.get("cpu_seconds", {}), **run.cpu_seconds}
     if jax.process_index() == 0:
         summary["figure"] = str(plot_summary(summary, d, root / "summary.png"))
         loop.save_json(root / SUMMARY_FILE, summary)
@@ -359,7 +362,6 @@ def plot_summary(s: dict, d: dict[str, Path], out_png: Path) -> Path:
         ax.set_ylabel("pairwise accuracy")
         ax.set_ylim(0, 1)
         ax.set_title("reward models (training labels 25 % corrupted)")
-        ax.legend(fontsize=8)
     ax = axes[0, 1]
     if "bon" in s:
         for name, ys in s["bon"]["control"].items():
@@ -367,7 +369,6 @@ def plot_summary(s: dict, d: dict[str, Path], out_png: Path) -> Path:
         ax.set_xlabel("KL = log n - (n-1)/n")
         ax.set_ylabel("gold reward")
         ax.set_title("best-of-n of the SFT policy")
-        ax.legend(fontsize=8)
     for col, (metric, ylabel) in enumerate(
         (
             ("eval_control", "gold reward"),
@@ -382,7 +383,6 @@ def plot_summary(s: dict, d: dict[str, Path], out_png: Path) -> Path:
                 ax.plot(r["eval_steps"], r[metric], "o-", label=label)
         ax.set_xlabel("REINFORCE step (held-out prompts)")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
     ax = axes[0, 2]
     if "warp" in s:
         for it in s["warp"]["iterations"]:
@@ -399,9 +399,10 @@ def plot_summary(s: dict, d: dict[str, Path], out_png: Path) -> Path:
         ax.set_xlabel("KL(π ‖ π_sft)")
         ax.set_ylabel("gold reward")
         ax.set_title("WARP: (1-η) θ_sft + η θ_slerp")
-        ax.legend(fontsize=8)
     for a in axes.flat:
         a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:  # a stage not run yet leaves its panel empty
+            a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -485,10 +486,45 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+# What `--seed S` changes: every source of training randomness (initialisation, data order,
+# dropout, sampling during training, the members' drawn learning rates and dropouts, which labels
+# are swapped). The task itself (corpus, demonstrations, prompts, held-out and OOD sets) stays
+# fixed, so runs with different seeds are comparable; the preference pairs' responses, sampled
+# from each run's own SFT policy, follow that policy.
+SEED_BINDINGS = (
+    "train.seed",
+    "pretrain.data_seed",
+    "sft.data_seed",
+    "member_specs.seed",
+    "pair_data.corruption_seed",
+    "rl.data_seed",
+    "warp.data_seed",
+)
+
+
+def seed_bindings(seed: int) -> list[str]:
+    return [f"{name} = {int(seed)}" for name in SEED_BINDINGS]
+
+
 def add_arguments(parser) -> None:
     add_gin_arguments(parser, workdir_default="runs/quickstart")
     parser.add_argument(
         "--fresh", action="store_true", help="delete the workdir's stages and start over"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of all training randomness (init, data order, dropout, sampling, member "
+        "settings, swapped labels); the task's data stays fixed. Binds "
+        + ", ".join(SEED_BINDINGS)
+        + " (default: their gin values, all 0)",
+    )
+    parser.add_argument(
+        "--no_compilation_cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (~/.cache/warm_jax), which lets "
+        "later stages and reruns reuse compiled programs",
     )
     parser.description = (
         "Run the default end-to-end job on the built-in oracle task (no network, no data files): "
@@ -501,12 +537,19 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from warm_jax import config as cfg
+    from warm_jax.merging_checkpoints import enable_compilation_cache
 
-    cfg.parse(["experiments/quickstart", *args.gin_file], args.gin_bindings)
+    seeds = [] if args.seed is None else seed_bindings(args.seed)
+    # Explicit --gin.* overrides come last, so they win over --seed.
+    cfg.parse(["experiments/quickstart", *args.gin_file], [*seeds, *args.gin_bindings])
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
     if args.fresh and Path(args.workdir).exists():
         shutil.rmtree(args.workdir)
+    t0 = time.time()
     s = quickstart(args.workdir)
     print()
     print(format_summary(s))
     print(f"\nsummary: {s['workdir']}/{SUMMARY_FILE}   figure: {s.get('figure')}")
+    print(f"this invocation: {time.time() - t0:.0f} s wall")
     return 0
