@@ -20,6 +20,12 @@ Two ways to train, giving the same members (tests/test_reward_members.py):
   optimizer is vmapped too: clipping, Adam moments and the learning rate (kept in each member's
   optimizer state) never mix members.
 
+Both modes freeze the same parameters when `rm/train.trainable_last_layers` or
+`rm/train.trainable_pattern` is set: the loop wraps whichever optimizer it is given (these
+member optimizers included) so that frozen leaves get no update and no state. Batches are global
+(`loop.train(global_batches=True)`): every process draws the same ones, so several JAX processes
+train the same members as one.
+
 Member settings reach the loss as traced `aux` values (dropout rate, seed), so sequential members
 share one compiled step and the vmapped step batches them. Dropout keys are
 `fold_in(step_key, member.seed)` with the loop's step key, which is the same in both modes (same
@@ -306,6 +312,7 @@ def train_member(
         num_steps=num_steps,
         progress=progress,
         description=f"reward model {spec.name}",
+        global_batches=True,  # every process draws the same global batches
     )
 
 
@@ -343,4 +350,5 @@ def train_vmapped(
         num_steps=num_steps,
         progress=progress,
         description=f"{m} reward models (vmapped)",
+        global_batches=True,  # every process draws the same global batches
     )

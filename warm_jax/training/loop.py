@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from warm_jax.training.checkpoints import (
     CorruptCheckpointError,
     TrainCheckpoints,
     check_same_structure,
+    load_metadata,
 )
 from warm_jax.training.metrics import MetricsWriter, plot_curves, read_jsonl
 
@@ -84,6 +86,120 @@ def make_optimizer(
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts), sched
+
+
+# --------------------------------------------------------------------------------------------
+# Training only some parameters
+
+
+def param_path(path: tuple) -> str:
+    """A parameter's path as 'params/block_3/attn/q' (what `train.trainable_pattern` matches)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+_BLOCK = re.compile(r"(?:^|/)block_(\d+)(?:/|$)")
+_EMBED = re.compile(r"(?:^|/)embed(?:/|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Which parameters a run trains (`train.trainable_last_layers`, `train.trainable_pattern`);
+    both None: all of them.
+
+    - `last_layers=K`: the last K transformer blocks (`block_<i>`, i >= n_layers - K) and every
+      parameter outside the blocks except the input embedding: the final norm, the LM head and
+      the reward head. With tied embeddings (SmolLM2, Gemma) the embedding is also the output
+      head; it stays frozen too (add it with `pattern='embed'`): training it would need the
+      backward pass through every block, which is what freezing saves.
+    - `pattern`: a regular expression searched in each path ('params/block_3/attn/q', see
+      `param_path`); matching leaves are trained.
+    - Both: the union.
+
+    Frozen leaves get no update, no optimizer state and no gradient (it is stopped before the
+    backward pass, which then skips the frozen blocks)."""
+
+    last_layers: int | None = None
+    pattern: str | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self.last_layers is None and self.pattern is None
+
+    def to_dict(self) -> dict:
+        return {"last_layers": self.last_layers, "pattern": self.pattern}
+
+    def mask(self, params: PyTree) -> PyTree:
+        """A tree of Python bools (True: trained) with `params`' structure. A spec that cannot
+        apply to these parameters is a UserError naming the gin parameter."""
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        paths = [param_path(p) for p, _ in leaves]
+        if self.everything:
+            return jax.tree_util.tree_unflatten(treedef, [True] * len(paths))
+        chosen = [False] * len(paths)
+        if self.last_layers is not None:
+            k = self.last_layers
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise UserError(
+                    f"train.trainable_last_layers must be a whole number >= 1 (None trains every "
+                    f"parameter), got {k!r}"
+                )
+            blocks = [_BLOCK.search(p) for p in paths]
+            n = 1 + max((int(b.group(1)) for b in blocks if b), default=-1)
+            if n == 0:
+                raise UserError(
+                    f"train.trainable_last_layers={k}: these parameters have no transformer "
+                    f"blocks (no 'block_<i>' in any path, e.g. {paths[0]!r}); use "
+                    "train.trainable_pattern"
+                )
+            if k > n:
+                raise UserError(
+                    f"train.trainable_last_layers={k} but the model has {n} transformer blocks "
+                    f"(block_0 ... block_{n - 1})"
+                )
+            for i, (p, b) in enumerate(zip(paths, blocks)):
+                chosen[i] = int(b.group(1)) >= n - k if b else not _EMBED.search(p)
+        if self.pattern is not None:
+            try:
+                rx = re.compile(self.pattern)
+            except re.error as e:
+                raise UserError(
+                    f"train.trainable_pattern={self.pattern!r} is not a regular expression: {e}"
+                ) from None
+            hits = [bool(rx.search(p)) for p in paths]
+            if not any(hits):
+                raise UserError(
+                    f"train.trainable_pattern={self.pattern!r} matches no parameter; paths look "
+                    f"like {paths[0]!r} ... {paths[-1]!r}"
+                )
+            chosen = [a or b for a, b in zip(chosen, hits)]
+        return jax.tree_util.tree_unflatten(treedef, chosen)
+
+
+def partly_frozen(tx: optax.GradientTransformation, mask: PyTree) -> optax.GradientTransformation:
+    """`tx` on the leaves where `mask` is True; zero updates and no state for the others
+    (`optax.set_to_zero`). Inside `tx`, gradient clipping's global norm and weight decay see the
+    trained leaves only."""
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def stop_frozen_gradients(loss_fn: LossFn, mask: PyTree) -> LossFn:
+    """`loss_fn` with the gradients of the frozen leaves (mask False) stopped: they are exact
+    zeros, and the backward pass does not go through what only they need."""
+
+    def masked(params, batch, rng, aux):
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
+        return loss_fn(params, batch, rng, aux)
+
+    return masked
 
 
 @dataclasses.dataclass
@@ -187,7 +303,17 @@ def _abstract(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _put_batch(batch: Mapping, shardings: PyTree) -> dict:
+def _put_batch(batch: Mapping, shardings: PyTree, global_batches: bool = False) -> dict:
+    """The global batch arrays. By default every process gives its own slice (the processes'
+    slices, in process order, make the global batch); with `global_batches` every process gives
+    the whole global batch and keeps the rows its devices hold (one process: the same)."""
+    if global_batches:
+
+        def put(x, sharding):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, dict(batch), shardings)
     return jax.tree.map(
         lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
         dict(batch),
@@ -259,6 +385,31 @@ def _intact_latest(
     return None
 
 
+def _check_same_trainable(ckpts: TrainCheckpoints, step: int, trainable: Trainable) -> None:
+    """A checkpoint's optimizer state has one tree per choice of trained parameters: resuming
+    with another choice is a clear error rather than a failed (or 'corrupt') restore."""
+    try:
+        saved = load_metadata(ckpts.step_dir(step)).get("trainable")
+    except UserError:
+        return  # unreadable metadata: the restore reports it (and may fall back)
+    before = Trainable(**{k: saved.get(k) for k in ("last_layers", "pattern")}) if saved else None
+    before = before or Trainable()
+    if before != trainable:
+
+        def show(t: Trainable) -> str:
+            if t.everything:
+                return "every parameter trained"
+            return (
+                f"train.trainable_last_layers={t.last_layers}, "
+                f"train.trainable_pattern={t.pattern!r}"
+            )
+
+        raise UserError(
+            f"{ckpts.step_dir(step)} was written with {show(before)}, this run has "
+            f"{show(trainable)}; use the same setting to resume, or a fresh workdir"
+        )
+
+
 def _fall_back_or_raise(
     ckpts: TrainCheckpoints, step: int, error: CorruptCheckpointError, on_corrupt: str
 ) -> None:
@@ -292,6 +443,8 @@ def _fall_back_or_raise(
         "progress",
         "skip_nonfinite",
         "on_corrupt_checkpoint",
+        "trainable_last_layers",
+        "trainable_pattern",
     ]
 )
 def train(
@@ -319,8 +472,11 @@ def train(
     progress: bool = True,
     skip_nonfinite: bool = False,
     on_corrupt_checkpoint: str = "error",
+    trainable_last_layers: int | None = None,
+    trainable_pattern: str | None = None,
     on_step: Callable[[int, PyTree], None] | None = None,
     description: str = "train",
+    global_batches: bool = False,
 ) -> TrainResult:
     """Trains `params` to minimise `loss_fn` for `num_steps`, resuming from the workdir's latest
     checkpoint when there is one. Exactly one of `init_fn` (fresh parameters from a key, created
@@ -335,7 +491,15 @@ def train(
     skipped: its update is not applied and the `skipped_steps` metric counts it.
     `on_corrupt_checkpoint`: what to do when the latest checkpoint cannot be read back intact:
     'error' (stop, the default) or 'fallback' (move it to `corrupt_checkpoints/`, warn, and resume
-    from the newest intact one)."""
+    from the newest intact one).
+
+    `batches` yields each process's slice of every global batch, or with `global_batches` the
+    whole global batch on every process (the same on all of them: an iterator seeded alike).
+
+    `trainable_last_layers` / `trainable_pattern` train only some parameters (see `Trainable`):
+    the optimizer, whichever it is (`optimizer` included: e.g. the vmapped reward members'), is
+    wrapped by `partly_frozen`, and the frozen leaves' gradients are stopped. A checkpoint
+    written with another choice cannot be resumed (its optimizer state has another shape)."""
     if (init_fn is None) == (init_params is None):
         raise ValueError("train: give exactly one of init_fn and init_params")
     for name, value in (("num_steps", num_steps), ("accum_steps", accum_steps)):
@@ -353,10 +517,17 @@ def train(
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     shapes = jax.eval_shape(init_fn, init_rng) if init_fn is not None else init_params
     param_shardings = shd.tree_shardings(param_axes, shapes, mesh, rules)
+    trainable = Trainable(trainable_last_layers, trainable_pattern)
+    mask = None if trainable.everything else trainable.mask(shapes)
+    if mask is not None:
+        tx = partly_frozen(tx, mask)
+        loss_fn = stop_frozen_gradients(loss_fn, mask)
 
     ckpts = TrainCheckpoints(workdir, every=checkpoint_every, max_to_keep=max_to_keep, writer=True)
     # Before any array is created: a workdir of another model stops here, untouched.
     latest = _intact_latest(ckpts, shapes, str(workdir), on_corrupt_checkpoint)
+    if latest is not None:
+        _check_same_trainable(ckpts, latest, trainable)
 
     with jax.set_mesh(mesh):
         if init_fn is not None:
@@ -436,6 +607,14 @@ def train(
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]
     ]
     meta = {"description": description, "gin": gin.config_str(), **(meta or {})}
+    if mask is not None:
+        sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)]
+        flags = jax.tree.leaves(mask)
+        meta["trainable"] = {
+            **trainable.to_dict(),
+            "trained_parameters": sum(n for n, t in zip(sizes, flags) if t),
+            "total_parameters": sum(sizes),
+        }
     batch_shardings = None
     bar = tqdm(
         total=num_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True
@@ -454,7 +633,9 @@ def train(
                 batch_shardings = shd.batch_shardings(batch, mesh, rules)
             with jax.set_mesh(mesh):
                 state, metrics, health = step_fn(
-                    state, _put_batch(batch, batch_shardings), None if aux_update else aux
+                    state,
+                    _put_batch(batch, batch_shardings, global_batches),
+                    None if aux_update else aux,
                 )
             if bool(health["finite"]):
                 window.append(metrics)
