@@ -112,6 +112,13 @@ GCSFUSE_INSTALL = " && ".join(
 )
 
 
+# gcsfuse refuses to rename a directory of a flat (non-hierarchical) bucket holding more objects
+# than this (default 0: every non-empty directory, with EMFILE). Checkpoints are committed by
+# directory renames (Orbax's steps, params checkpoints, merges), so the limit must exceed the
+# objects of one checkpoint directory.
+RENAME_DIR_LIMIT = 200_000
+
+
 def run_commands(args: argparse.Namespace, command: Sequence[str]) -> list[list[str]]:
     if not command:
         raise SystemExit("run: give the command after --, e.g. -- warm-jax train-rms ...")
@@ -123,7 +130,8 @@ def run_commands(args: argparse.Namespace, command: Sequence[str]) -> list[list[
         bucket = args.mount_bucket.removeprefix("gs://").rstrip("/")
         steps.append(
             f"sudo mkdir -p {MOUNT} && sudo chown $USER {MOUNT} && "
-            f"(mountpoint -q {MOUNT} || gcsfuse --implicit-dirs {shlex.quote(bucket)} {MOUNT})"
+            f"(mountpoint -q {MOUNT} || gcsfuse --implicit-dirs "
+            f"--rename-dir-limit={RENAME_DIR_LIMIT} {shlex.quote(bucket)} {MOUNT})"
         )
     env = "WARM_JAX_DISTRIBUTED=auto"
     for kv in args.env:

@@ -54,7 +54,7 @@ def test_create_install_run_copy_delete_commands():
         "warm-jax", "train-rms", "--workdir", "/gcs/runs/warm", "--gin.train_rms.members=[3]",
     )  # fmt: skip
     assert "--worker=all" in run
-    assert "gcsfuse --implicit-dirs bkt /gcs" in run
+    assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt /gcs" in run
     assert "WARM_JAX_DISTRIBUTED=auto ~/warm_jax/.venv/bin/warm-jax train-rms" in run
     assert "--gin.train_rms.members=[3]" in run
     (copy,) = dry_run("copy", *where, "--src", "/gcs/runs/warm", "--dst", "runs/")
