@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from warm_jax.errors import UserError
@@ -77,3 +78,123 @@ def test_relative_paths_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ck.save_params("rel/m", _tree())
     chex.assert_trees_all_equal(ck.load_params("rel/m"), _tree())
+
+
+def _reference_fingerprint(x: np.ndarray) -> int:
+    """The definition, in Python integers: sum over elements of raw bits x (2 i + 1), mod 2**32."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+    bits = x.astype(np.uint8) if x.dtype == np.bool_ else x.view(unsigned)
+    return sum(int(b) * (2 * i + 1) for i, b in enumerate(bits.tolist())) % 2**32
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float32, jnp.bfloat16, np.float16, np.int32, np.uint8, np.bool_]
+)
+def test_host_and_device_fingerprints_agree_with_the_definition(dtype):
+    """Host (numpy, chunked with wrap-around) and device (jitted) fingerprints of the same array
+    are the same number, the one the definition gives, across chunk boundaries; so checkpoints
+    fingerprinted by either path verify with the other."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((37, 29)) * 1000).astype(np.float32)
+    x = (x > 0) if dtype is np.bool_ else x.astype(dtype)
+    want = _reference_fingerprint(x)
+    for chunk in (7, 64, 1 << 20):  # several chunks, a ragged last one, a single one
+        assert ck._host_fingerprint(x, chunk=chunk) == want
+    assert int(ck._device_fingerprint(jnp.asarray(x))) == want
+    # Large values: the uint32 products and sums wrap around, as they do on the device.
+    big = np.full(3000, np.uint32(0xFFFFFFFF))
+    assert ck._host_fingerprint(big, chunk=1000) == _reference_fingerprint(big)
+    assert int(ck._device_fingerprint(jnp.asarray(big))) == _reference_fingerprint(big)
+    tree = {"a": x, "b": {"c": jnp.asarray(x)}}
+    host_fp, device_fp = ck.fingerprints(tree)["['a']"], ck.fingerprints(tree)["['b']['c']"]
+    assert host_fp == device_fp == f"{want:08x}:{np.dtype(dtype).name}"
+
+
+def _data_bytes(params_dir) -> int:
+    return sum(f.stat().st_size for f in params_dir.rglob("*") if f.parent.name == "d")
+
+
+def test_params_are_written_uncompressed_and_compressed_ones_still_load(tmp_path):
+    """Zeros make compression visible: 1 MiB of them takes ~1 MiB uncompressed, a few hundred
+    bytes with zstd (how earlier versions wrote params checkpoints). Both load, verified."""
+    tree = {"params": {"zeros": np.zeros((512, 512), np.float32), "w": np.arange(12.0)}}
+    plain = ck.save_params(tmp_path / "plain", tree)
+    packed = ck.save_params(tmp_path / "packed", tree, compress=True)
+    assert _data_bytes(plain / ck.PARAMS_ITEM) >= 512 * 512 * 4
+    assert _data_bytes(packed / ck.PARAMS_ITEM) < 64 * 1024
+    for out in (plain, packed):
+        assert ck.saved_fingerprints(out / ck.PARAMS_ITEM) == ck.fingerprints(tree)
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, ck.load_params(out)), tree)
+    # As the StandardCheckpointer of earlier versions wrote them (compressed, no fingerprints).
+    with ocp.StandardCheckpointer() as old:
+        old.save(tmp_path / "old" / ck.PARAMS_ITEM, tree)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, ck.load_params(tmp_path / "old")), tree)
+
+
+# ---------------------------------------------------------------------------------- multi-host
+
+SAVE_WORKER = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_num_cpu_devices", 2)
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from warm_jax.training import checkpoints as ck
+mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+for scale in (1.0, 2.0):  # a fresh write, then an overwrite
+    full = scale * np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    w = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("x")), lambda i: full[i])
+    tree = {"params": {"w": w, "b": np.full(3, scale, np.float32)}}
+    ck.save_params(out, tree, {"writer": jax.process_index(), "scale": scale})
+"""
+
+
+def test_two_processes_save_one_params_checkpoint(tmp_path):
+    """Two JAX processes (2 CPU devices each) save a tree holding an array sharded over all 4
+    devices, twice (a write, then an overwrite): they share one temporary directory, each writes
+    its own shards, and only process 0 writes the side files and renames the result into place."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAVE_WORKER, str(i), str(port), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert sorted(p.name for p in (out / ck.PARAMS_ITEM).glob("ocdbt.process_*")) == [
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    ]
+    assert ck.load_metadata(out) == {"writer": 0, "scale": 2.0}
+    want = {
+        "params": {
+            "w": 2.0 * np.arange(8 * 6, dtype=np.float32).reshape(8, 6),
+            "b": np.full(3, 2.0, np.float32),
+        }
+    }
+    assert ck.saved_fingerprints(out / ck.PARAMS_ITEM) == ck.fingerprints(want)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), ck.params_shapes(out)
+    )
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, ck.load_params(out, target)), want)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copy left

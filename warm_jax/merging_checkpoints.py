@@ -27,10 +27,8 @@ import ctypes
 import dataclasses
 import datetime
 import functools
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -518,34 +516,6 @@ def merge_streaming(
 
 
 # --------------------------------------------------------------------------------------------
-# Writing
-
-
-def _write_multihost(output: Path, params: PyTree, metadata: dict, token: str) -> Path:
-    """Like `checkpoints.save_params`, with a temporary directory every process agrees on."""
-    tmp = output.parent / f".{output.name}.tmp-{token}"
-    primary = jax.process_index() == 0
-    if primary:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    ocp.multihost.sync_global_processes("warm_jax_merge_tmp")
-    try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / ck.PARAMS_ITEM, params)
-        fps = ck.fingerprints(params)  # a collective: every process computes it
-        ckptr.wait_until_finished()
-        if primary:
-            (tmp / ck.PARAMS_ITEM / ck.FINGERPRINTS_FILE).write_text(json.dumps(fps))
-            (tmp / ck.META_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-            ck.commit_directory(tmp, output)
-        ocp.multihost.sync_global_processes("warm_jax_merge_commit")
-    except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
-
-
 def merge_checkpoints(
     method: str,
     inputs: Sequence[str | os.PathLike],
@@ -629,9 +599,7 @@ def merge_checkpoints(
     metadata = {k: v for k, v in first_meta.items() if k != "merge"}
     metadata["merge"] = record
     metadata = json.loads(json.dumps(metadata, default=str))
-    if jax.process_count() > 1:
-        token = hashlib.sha256(json.dumps(record["inputs"]).encode()).hexdigest()[:12]
-        return _write_multihost(output, params, metadata, token)
+    # With several processes each writes its own shards; process 0 the rest (see save_params).
     return ck.save_params(output, params, metadata)
 
 
