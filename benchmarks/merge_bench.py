@@ -17,9 +17,11 @@ runs). Inputs are read from a warm page cache. The merged outputs of M = 2 are c
 element-wise. Results (every repeat, medians, ratios, environment) go to a JSON file.
 
 mergekit needs torch; install both in a separate virtualenv (not the project's):
-    python3.11 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch==2.13.0 mergekit
-Run from the repository root with the project's environment:
-    .venv/bin/python benchmarks/merge_bench.py --benchvenv /tmp/benchvenv
+    python3.11 -m venv /tmp/benchvenv
+    /tmp/benchvenv/bin/pip install torch==2.13.0 mergekit==0.1.5 transformers==5.24.0
+Run from the repository root with the project's environment (writes
+benchmarks/results/merge_bench.json):
+    .venv/bin/python benchmarks/run.py merge --benchvenv /tmp/benchvenv
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 def make_models(root: Path, n_models: int, n_layers: int, seed: int) -> dict:
     """base + n_models fine-tunes θ_i = base + δ_i (δ ~ N(0, 0.002²), base ~ N(0, 0.02²))."""
     cfg = smollm2_config(n_layers)
-    manifest = {"n_models": n_models, "n_layers": n_layers, "seed": seed, "version": 2}
+    manifest = {"n_models": n_models, "n_layers": n_layers, "seed": seed, "version": 3}
     stamp = root / "manifest.json"
     specs = tensor_specs(cfg)
     n_params = sum(int(np.prod(s)) for _, s, _, _ in specs)
@@ -415,9 +417,16 @@ def main() -> int:
             for method in args.methods:
                 if rep >= (args.slerp_repeats if method == "slerp" else args.repeats):
                     continue
+                load_before = os.getloadavg()[0]
                 tag, a, b = run_pair(method, m, data, outs, scratch, args.benchvenv, cache)
+                load = {
+                    "loadavg_1min_before": load_before,
+                    "loadavg_1min_after": os.getloadavg()[0],
+                }
                 for tool, r in (("warm_jax", a), ("mergekit", b)):
-                    runs.append({"tool": tool, "method": method, "M": m, "repeat": rep, **r})
+                    runs.append(
+                        {"tool": tool, "method": method, "M": m, "repeat": rep, **r, **load}
+                    )
                 print(
                     f"rep {rep} {tag}: ours {a['seconds']:.1f}s {a['max_rss_mib']:.0f}MiB | "
                     f"mergekit {b['seconds']:.1f}s {b['max_rss_mib']:.0f}MiB",
@@ -427,6 +436,7 @@ def main() -> int:
                     checks[tag] = compare(outs / f"ours_{tag}", outs / f"mk_{tag}", info["config"])
                     print(f"  agreement {tag}: {checks[tag]}", file=sys.stderr)
 
+    loads = [r[k] for r in runs for k in ("loadavg_1min_before", "loadavg_1min_after")]
     result = {
         "benchmark": "merge time and peak RSS, warm-jax merge vs mergekit-yaml",
         "model": {
@@ -437,8 +447,10 @@ def main() -> int:
             "mib_per_model": round(info["bytes_per_model"] / 2**20, 1),
         },
         "settings": {
-            "warm_jax": "warm-jax merge (CLI subprocess), float32 accumulation, Orbax in/out; "
-            "slerp with --granularity leaf (one angle per tensor, like nuslerp's flatten)",
+            "warm_jax": "warm-jax merge (CLI subprocess), float32 accumulation, Orbax in/out "
+            "(params checkpoints as save_params writes them: uncompressed, with per-array "
+            "fingerprints, verified on every read); slerp with --granularity leaf (one angle per "
+            "tensor, like nuslerp's flatten)",
             "mergekit": "mergekit-yaml, dtype float32, out_dtype bfloat16, safetensors in/out, "
             "--no-copy-tokenizer --no-write-model-card --quiet; nuslerp M>2 = chain of M-1 runs",
             "timing": "wall and CPU (user+sys) seconds end to end incl. interpreter start and "
@@ -447,9 +459,16 @@ def main() -> int:
             "cache (the first, cold-cache runs are listed under cold_compilation_cache)",
             "repeats": {"average": args.repeats, "slerp": args.slerp_repeats},
             "machine_note": "shared 2-core machine: other jobs may run at the same time, so "
-            "ours and mergekit run back to back in each repeat; compare CPU seconds too",
+            "ours and mergekit run back to back in each repeat; compare CPU seconds too. Each "
+            "run records the 1-minute load average before and after its pair "
+            "(loadavg_1min_before/after; 2.0 = both cores busy before our runs add to it)",
         },
         "environment": environment(args.benchvenv),
+        "load": {
+            "loadavg_1min_min": min(loads, default=None),
+            "loadavg_1min_median": statistics.median(loads) if loads else None,
+            "loadavg_1min_max": max(loads, default=None),
+        },
         "runs": runs,
         "cold_compilation_cache": cold,
         "summary": summarise(runs),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -110,11 +111,35 @@ def rows(suffix: str = "", merge: bool = True) -> list[str]:
             out.append(
                 f"| merge | {r['method']} M={r['M']} | {fmt(r['warm_jax_seconds_median'])} "
                 f"| {fmt(r['mergekit_seconds_median'])} | s (lower is better) "
-                f"| {r['speedup_vs_mergekit']:.2f}x | — | — | — | peak RSS "
+                f"| {r['speedup_vs_mergekit']:.2f}x | {merge_target(r)} "
+                f"| {merge_load(m, r)} | peak RSS "
                 f"{r['warm_jax_max_rss_mib_median']:.0f} vs "
-                f"{r['mergekit_max_rss_mib_median']:.0f} MiB; speedup = mergekit/ours |"
+                f"{r['mergekit_max_rss_mib_median']:.0f} MiB; speedup = mergekit/ours; "
+                f"CPU s {fmt(r['warm_jax_cpu_seconds_median'])} vs "
+                f"{fmt(r['mergekit_cpu_seconds_median'])} |"
             )
     return out
+
+
+MERGE_TARGET = {"average": 2.0}  # warm-jax merge --method average vs mergekit linear
+
+
+def merge_target(r: dict) -> str:
+    t = MERGE_TARGET.get(r["method"])
+    if t is None:
+        return "— | —"
+    return f"≥ {t:g}x | {'met' if r['speedup_vs_mergekit'] >= t else '**missed**'}"
+
+
+def merge_load(m: dict, r: dict) -> str:
+    """Median 1-minute load before → after the runs of this row (recorded since the runs
+    carry it)."""
+    sel = [x for x in m["runs"] if x["method"] == r["method"] and x["M"] == r["M"]]
+    if not sel or "loadavg_1min_before" not in sel[0]:
+        return "—"
+    before = statistics.median(x["loadavg_1min_before"] for x in sel)
+    after = statistics.median(x["loadavg_1min_after"] for x in sel)
+    return f"{before:.1f}→{after:.1f}"
 
 
 def commands(suffix: str = "") -> list[str]:

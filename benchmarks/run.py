@@ -194,7 +194,7 @@ def run_merge(rest: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(NAMES["merge"] + "\n\nmerge_bench.py's options:")
     if not any(a.startswith("--output") for a in rest):
-        rest = [*rest, "--output", str(C.RESULTS / "merge.json")]
+        rest = [*rest, "--output", str(C.RESULTS / "merge_bench.json")]
     cmd = [sys.executable, str(C.BENCH / "merge_bench.py"), *rest]
     return subprocess.call(cmd, cwd=str(REPO))
 
