@@ -37,7 +37,7 @@ def random_tree(seed: int = 0) -> dict:
 
 
 def test_flipped_bits_in_any_data_file_are_detected_never_loaded(tmp_path):
-    """Orbax compresses array data but keeps no checksum: without the fingerprints most flips
+    """Orbax keeps no checksum of array data (compressed or not): without the fingerprints most flips
     load as silently different weights. Every flip must now either raise an error naming the
     checkpoint or leave the values bit-identical (a flip in bytes nothing reads: OCDBT keeps
     superseded index nodes around)."""

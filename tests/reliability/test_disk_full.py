@@ -49,7 +49,8 @@ def disk_full_under(root: Path, monkeypatch):
 
 
 def noise(n: int) -> dict:
-    """Incompressible: Orbax compresses, and a constant array of any size takes a few bytes."""
+    """Incompressible: training checkpoints are compressed, where a constant array of any size
+    takes a few bytes."""
     rng = np.random.default_rng(n)
     return {"params": {"w": rng.standard_normal((n, n)).astype(np.float32)}}
 
