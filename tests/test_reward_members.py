@@ -71,8 +71,11 @@ def test_sequential_and_vmapped_members_are_the_same(tmp_path):
             for a, b in zip(jax.tree.leaves(jax.device_get(s.params)), jax.tree.leaves(init))
         )
         assert moved > 1e-3  # the members did train
+        # Vmapped and sequential programs sum in different orders; Adam divides by the running
+        # gradient scale, so a near-zero gradient entry can turn a 1e-7 difference into a 1e-5
+        # one (seen: 2e-5 in 1 of 1024 entries on some CPUs). 1e-4 is 10x below the movement.
         chex.assert_trees_all_close(
-            jax.device_get(v), jax.device_get(s.params), atol=1e-5, rtol=1e-5
+            jax.device_get(v), jax.device_get(s.params), atol=1e-4, rtol=1e-5
         )
     # The members differ from each other (lr, data order, dropout stream, init).
     a, b = (jax.device_get(s.params["params"]["reward_head"]["kernel"]) for s in seq)
