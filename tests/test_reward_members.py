@@ -72,11 +72,20 @@ def test_sequential_and_vmapped_members_are_the_same(tmp_path):
         )
         assert moved > 1e-3  # the members did train
         # Vmapped and sequential programs sum in different orders; Adam divides by the running
-        # gradient scale, so a near-zero gradient entry can turn a 1e-7 difference into a 1e-5
-        # one (seen: 2e-5 in 1 of 1024 entries on some CPUs). 1e-4 is 10x below the movement.
-        chex.assert_trees_all_close(
-            jax.device_get(v), jax.device_get(s.params), atol=1e-4, rtol=1e-5
+        # gradient scale, so where a gradient entry is near zero a 1e-7 difference can become a
+        # visible share of a step (seen on some CPUs: 1-2 entries of 2048 off by 2e-5 to 1.2e-4,
+        # varying between runs). So: nearly every entry agrees to 1e-5, none by a third of
+        # one step of the larger learning rate (3e-3).
+        diffs = np.concatenate(
+            [
+                np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                for a, b in zip(
+                    jax.tree.leaves(jax.device_get(v)), jax.tree.leaves(jax.device_get(s.params))
+                )
+            ]
         )
+        assert (diffs > 1e-5).mean() < 1e-3, (diffs > 1e-5).sum()
+        assert diffs.max() < 1e-3, diffs.max()
     # The members differ from each other (lr, data order, dropout stream, init).
     a, b = (jax.device_get(s.params["params"]["reward_head"]["kernel"]) for s in seq)
     assert np.abs(a - b).max() > 1e-4
