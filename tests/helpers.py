@@ -1,5 +1,11 @@
 """Small shared fixtures for the tests: a tiny model and learnable toy token data."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from warm_jax.models import transformer as tm
@@ -28,3 +34,25 @@ def tiny_train_kwargs(config=TINY) -> dict:
 
 def tiny_loss(config=TINY):
     return lm.lm_loss_fn(config)
+
+
+def run_two_processes(script: str, *args: str, drop_env: tuple[str, ...] = ()) -> None:
+    """Runs `python -c script PROCESS_ID PORT *args` as processes 0 and 1 of one JAX program
+    (a free loopback port for the coordinator) and fails with both logs unless both exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for name in drop_env:
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i), str(port), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]

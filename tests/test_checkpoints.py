@@ -1,6 +1,7 @@
 """Params checkpoints: atomic writes, shape checks, and loaders that accept any layout."""
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,29 +158,9 @@ def test_two_processes_save_one_params_checkpoint(tmp_path):
     """Two JAX processes (2 CPU devices each) save a tree holding an array sharded over all 4
     devices, twice (a write, then an overwrite): they share one temporary directory, each writes
     its own shards, and only process 0 writes the side files and renames the result into place."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", SAVE_WORKER, str(i), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    helpers.run_two_processes(SAVE_WORKER, str(out), drop_env=("JAX_NUM_CPU_DEVICES",))
     assert sorted(p.name for p in (out / ck.PARAMS_ITEM).glob("ocdbt.process_*")) == [
         "ocdbt.process_0",
         "ocdbt.process_1",

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,28 +285,10 @@ mc.merge_checkpoints("slerp", inputs, f"{root}/out", base=f"{root}/f32_0", chunk
 def test_two_process_merge_writes_each_process_shards(ckpts):
     """Two JAX processes (2 CPU devices each) merge one checkpoint: each restores, merges and
     writes its own shards; the result equals the single-process merge."""
-    import os
-    import socket
-    import subprocess
-    import sys
 
     paths, trees = ckpts["f32"]
     root = paths[0].parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(i), str(port), str(root)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    helpers.run_two_processes(WORKER, str(root))
     out = root / "out"
     assert sorted(p.name for p in (out / ck.PARAMS_ITEM).glob("ocdbt.process_*")) == [
         "ocdbt.process_0",
