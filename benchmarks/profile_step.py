@@ -8,11 +8,11 @@
    projections and MLP (`[tokens, d]` tensors), the mask, and the rest; each split into
    dots (YNNPACK fusions), copies (layout transposes XLA inserts around the dots) and
    elementwise fusions. Times are summed over the CPU threads (they overlap).
-2. **Variants** of `Attention.__call__`, local copies swapped in while tracing (warm_jax/ is
-   not edited): `headmajor` projects q/k/v straight into `[B, heads, T, head_dim]` and contracts
-   the output projection from there (no transposes around the attention dots); `dpa` uses
-   `jax.nn.dot_product_attention(implementation="xla")`; `blocked` is `headmajor` computed by
-   causal query blocks of 64 (each block scores only the keys at or before its last slot);
+2. **Variants** of the attention, swapped in while tracing (warm_jax/ is not edited): `orig`
+   is the model as it is (head-major q/k/v, causal query blocks of `tm.QUERY_BLOCK`);
+   `full` / `block32` / `block128` the same with query blocks off / of 32 / of 128;
+   `token_major` the implementation before query blocks (q/k/v `[B, T, heads, H]`, full T×T
+   scores); `dpa` uses `jax.nn.dot_product_attention(implementation="xla")`;
    `orig+no_ynn` / `orig+onednn` compile the unchanged model with XLA:CPU's YNNPACK dot
    fusions off / oneDNN on. Same parameters, same loss (checked), steps interleaved
    (A B C, C B A, ...) under the same machine load.
@@ -61,19 +61,9 @@ def _out_param(module, c):
     return module.param("o", init, (c.n_heads, c.head_dim, c.d_model), c.params_dtype)
 
 
-def rope_head_major(x, positions, base: float):
-    """`tm.rope` for x laid out [B, N, T, H]."""
-    d = x.shape[-1]
-    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], -1)[:, None]  # [B, 1, T, H]
-    x32 = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-x32[..., d // 2 :], x32[..., : d // 2]], -1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
-class HeadMajorAttention(ORIGINAL):
-    """The proposed layout: q/k/v projected to [B, heads, T, H]; identical maths."""
+class TokenMajorAttention(ORIGINAL):
+    """The attention warm_jax had before query blocks: q/k/v kept [B, T, heads, H] and the
+    full T×T scores in one piece (the cached path is unchanged)."""
 
     @nn.compact
     def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
@@ -81,58 +71,20 @@ class HeadMajorAttention(ORIGINAL):
             return ORIGINAL.__call__(self, x, positions, mask, kv_cache, cache_index)
         c = self.config
         dt = c.compute_dtype
-        b, t, _ = x.shape
-        hd, g = c.head_dim, c.n_heads // c.n_kv_heads
-        wq = _proj_param(self, c, "q", c.n_heads).astype(dt)
-        wk = _proj_param(self, c, "k", c.n_kv_heads).astype(dt)
-        wv = _proj_param(self, c, "v", c.n_kv_heads).astype(dt)
-        q = rope_head_major(jnp.einsum("btd,dnh->bnth", x, wq), positions, c.rope_base)
-        k = rope_head_major(jnp.einsum("btd,dkh->bkth", x, wk), positions, c.rope_base)
-        v = jnp.einsum("btd,dkh->bkth", x, wv)
-        q = q.reshape(b, c.n_kv_heads, g, t, hd)
-        scores = jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32) * hd**-0.5
+
+        def proj(name, n):
+            return jnp.einsum("btd,dnh->btnh", x, _proj_param(self, c, name, n).astype(dt))
+
+        q = tm.rope(proj("q", c.n_heads), positions, c.rope_base)
+        k = tm.rope(proj("k", c.n_kv_heads), positions, c.rope_base)
+        v = proj("v", c.n_kv_heads)
+        b, t, _, hd = q.shape
+        q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * (hd**-0.5)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
-        wo = _out_param(self, c).astype(dt).reshape(c.n_kv_heads, g, hd, c.d_model)
-        return jnp.einsum("bkgth,kghd->btd", out, wo), None
-
-
-class CausalBlockAttention(ORIGINAL):
-    """Head-major, and causal by query blocks: the queries of slots [i·blk, (i+1)·blk) only
-    score the keys of slots < (i+1)·blk (the causal part of the mask already zeroes the rest),
-    so the T×T score tensors shrink to about (n+1)/2n of their size with n blocks."""
-
-    block: int = 64
-
-    @nn.compact
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
-        if kv_cache is not None:
-            return ORIGINAL.__call__(self, x, positions, mask, kv_cache, cache_index)
-        c = self.config
-        dt = c.compute_dtype
-        b, t, _ = x.shape
-        hd, g = c.head_dim, c.n_heads // c.n_kv_heads
-        wq = _proj_param(self, c, "q", c.n_heads).astype(dt)
-        wk = _proj_param(self, c, "k", c.n_kv_heads).astype(dt)
-        wv = _proj_param(self, c, "v", c.n_kv_heads).astype(dt)
-        q = rope_head_major(jnp.einsum("btd,dnh->bnth", x, wq), positions, c.rope_base)
-        k = rope_head_major(jnp.einsum("btd,dkh->bkth", x, wk), positions, c.rope_base)
-        v = jnp.einsum("btd,dkh->bkth", x, wv)
-        q = q.reshape(b, c.n_kv_heads, g, t, hd)
-        outs = []
-        for start in range(0, t, self.block):
-            end = min(start + self.block, t)
-            qb = q[:, :, :, start:end]
-            scores = jnp.einsum("bkgth,bksh->bkgts", qb, k[:, :, :end]).astype(jnp.float32)
-            scores = scores * hd**-0.5
-            mb = mask[:, :, :, start:end, :end]
-            scores = jnp.where(mb, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :end]))
-        out = jnp.concatenate(outs, axis=3)
-        wo = _out_param(self, c).astype(dt).reshape(c.n_kv_heads, g, hd, c.d_model)
-        return jnp.einsum("bkgth,kghd->btd", out, wo), None
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, hd)
+        return jnp.einsum("btnh,nhd->btd", out, _out_param(self, c).astype(dt)), None
 
 
 class DotProductAttention(ORIGINAL):
@@ -155,18 +107,17 @@ class DotProductAttention(ORIGINAL):
         return jnp.einsum("btnh,nhd->btd", out, _out_param(self, c).astype(dt)), None
 
 
+# name -> (attention class, tm.QUERY_BLOCK while tracing, XLA:CPU compiler options)
 VARIANTS = {
-    "orig": ORIGINAL,
-    "headmajor": HeadMajorAttention,
-    "blocked": CausalBlockAttention,
-    "dpa": DotProductAttention,
-    "orig+no_ynn": ORIGINAL,
-    "orig+onednn": ORIGINAL,
-}
-# The same model compiled with other XLA:CPU dot backends (per-compilation DebugOptions).
-COMPILER_OPTIONS = {
-    "orig+no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "orig+onednn": {"xla_cpu_use_onednn": True},
+    "orig": (ORIGINAL, tm.QUERY_BLOCK, None),
+    "full": (ORIGINAL, 0, None),
+    "block32": (ORIGINAL, 32, None),
+    "block128": (ORIGINAL, 128, None),
+    "token_major": (TokenMajorAttention, 0, None),
+    "dpa": (DotProductAttention, 0, None),
+    # The same model compiled with other XLA:CPU dot backends (per-compilation DebugOptions).
+    "orig+no_ynn": (ORIGINAL, tm.QUERY_BLOCK, {"xla_cpu_experimental_ynn_fusion_type": ""}),
+    "orig+onednn": (ORIGINAL, tm.QUERY_BLOCK, {"xla_cpu_use_onednn": True}),
 }
 
 
@@ -174,7 +125,10 @@ def trainer(variant: str, cfg, params, batches):
     tx, sched = loop.make_optimizer(
         10**6, schedule="constant", warmup_steps=0, weight_decay=0.0, **BT.OPT
     )
-    tm.Attention = VARIANTS[variant]  # Block looks the class up at trace time
+    cls, block, options = VARIANTS[variant]
+    default_block = tm.QUERY_BLOCK
+    # Both are looked up when the step is traced, which OurTrainer does at construction.
+    tm.Attention, tm.QUERY_BLOCK = cls, block
     try:
         return BT.OurTrainer(
             losses.bt_loss_fn(cfg),
@@ -183,10 +137,10 @@ def trainer(variant: str, cfg, params, batches):
             [BT.fresh_state(params, tx)],
             [batches],
             [None],
-            compiler_options=COMPILER_OPTIONS.get(variant),
+            compiler_options=options,
         )
     finally:
-        tm.Attention = ORIGINAL
+        tm.Attention, tm.QUERY_BLOCK = ORIGINAL, default_block
 
 
 def hlo_shapes(hlo: str) -> dict[str, list[int]]:
@@ -252,7 +206,7 @@ def main() -> int:
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
-        default=["orig", "headmajor", "blocked", "dpa"],
+        default=["orig", "full", "token_major", "dpa"],
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None)

@@ -95,6 +95,46 @@ def test_right_padding_does_not_change_real_tokens_or_reward(params):
     assert float(jnp.abs(r).max()) > 1e-3
 
 
+@pytest.mark.parametrize("block", [4, 5])
+def test_query_blocked_attention_equals_full_scores(params, monkeypatch, block):
+    # Rows: one sequence; two packed segments; right padding; left padding. T = 13 is not a
+    # multiple of either block size, so the last block is short.
+    t = 13
+    toks = _tokens(4, t, seed=7)
+    seg = jnp.array([[1] * 13, [1] * 6 + [2] * 7, [1] * 9 + [0] * 4, [0] * 3 + [1] * 10], jnp.int32)
+    pos = jnp.array(
+        [
+            list(range(13)),
+            list(range(6)) + list(range(7)),
+            list(range(13)),
+            [0] * 3 + list(range(10)),
+        ],
+        jnp.int32,
+    )
+    p = jax.tree.map(lambda x: x, params)
+    head = p["params"]["reward_head"]
+    head["kernel"] = jax.random.normal(jax.random.PRNGKey(5), head["kernel"].shape)
+
+    def run(q_block):
+        monkeypatch.setattr(tm, "QUERY_BLOCK", q_block)
+
+        def reward_sum(w):
+            return tm.apply(w, CFG, toks, positions=pos, segment_ids=seg, output="reward").sum()
+
+        logits = tm.apply(p, CFG, toks, positions=pos, segment_ids=seg)
+        return logits, jax.value_and_grad(reward_sum)(p)
+
+    full_logits, (full_r, full_g) = run(0)
+    logits, (r, g) = run(block)
+    real = np.asarray(seg != 0)
+    chex.assert_trees_all_close(np.asarray(logits)[real], np.asarray(full_logits)[real], atol=1e-5)
+    chex.assert_trees_all_close(r, full_r, atol=1e-5)
+    # Gradients sum over tokens in another order: equal up to float32 rounding of the leaf.
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(full_g)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()) + 1e-9)
+    assert float(jnp.abs(full_r)) > 1e-3
+
+
 def test_gqa_equals_multi_head_attention_with_repeated_kv(params):
     mha = tm.TransformerConfig(**{**CFG.to_dict(), "n_kv_heads": CFG.n_heads})
     groups = CFG.n_heads // CFG.n_kv_heads

@@ -123,18 +123,19 @@ class RMSNorm(nn.Module):
         return (y * scale32).astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, base: float) -> Array:
+def rope(x: Array, positions: Array, base: float, heads_first: bool = False) -> Array:
     """Rotary embedding, rotate-half convention (as in Llama/Gemma's Hugging Face ports):
-    x' = x·cos(pθ) + rotate_half(x)·sin(pθ), θ_i = base^(-2i/d)."""
+    x' = x·cos(pθ) + rotate_half(x)·sin(pθ), θ_i = base^(-2i/d). x is [B, T, N, H], or
+    [B, N, T, H] with `heads_first`."""
     d = x.shape[-1]
     inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    angles = jnp.concatenate([angles, angles], -1)
+    angles = angles[:, None, :, :] if heads_first else angles[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
     rotated = jnp.concatenate([-x2, x1], -1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
 def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array, k_slots: Array) -> Array:
@@ -144,6 +145,43 @@ def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array, k_slots
     return (same & causal)[:, None, None, :, :]
 
 
+# Query-block size of the cache-free attention. Queries in slots [i·Q, (i+1)·Q) can only see
+# keys in slots < (i+1)·Q, so scoring block by block skips the causal upper triangle: the T×T
+# score tensors (and their gradients), which dominate a CPU training step at small head_dim,
+# shrink to about (n+1)/2n of their size with n blocks. 0 scores all T×T at once.
+QUERY_BLOCK = 64
+
+
+def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dt: Any) -> Array:
+    """softmax(q·kᵀ/√h + mask)·v for q [B, kv, G, T, H], k and v [B, kv, S, H], mask
+    broadcastable to [B, kv, G, T, S]; scores and softmax in float32."""
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bksh->bkgth", probs, v)
+
+
+def causal_attention(q: Array, k: Array, v: Array, mask: Array, dt: Any, block: int) -> Array:
+    """Attention of q [B, kv, G, T, H] over k, v [B, kv, T, H] (the same T slots) under a mask
+    [B, 1, 1, T, T] that is causal in slots; by query blocks of `block` (see QUERY_BLOCK)."""
+    t = q.shape[3]
+    if block <= 0 or block >= t:
+        return _softmax_attend(q, k, v, mask, dt)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outs.append(
+            _softmax_attend(
+                q[:, :, :, start:end],
+                k[:, :, :end],
+                v[:, :, :end],
+                mask[:, :, :, start:end, :end],
+                dt,
+            )
+        )
+    return jnp.concatenate(outs, axis=3)
+
+
 class Attention(nn.Module):
     config: TransformerConfig
 
@@ -151,48 +189,58 @@ class Attention(nn.Module):
     def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
         c = self.config
         dt, pdt = c.compute_dtype, c.params_dtype
+        groups = c.n_heads // c.n_kv_heads
 
-        def proj(name, n):
-            w = self.param(
+        def weight(name, n):
+            return self.param(
                 name,
                 nn.with_logical_partitioning(
                     _dense_init(), ("embed", "heads" if n == c.n_heads else "kv_heads", "head_dim")
                 ),
                 (c.d_model, n, c.head_dim),
                 pdt,
-            )
-            return jnp.einsum("btd,dnh->btnh", x, w.astype(dt))
+            ).astype(dt)
 
-        q = rope(proj("q", c.n_heads), positions, c.rope_base)
-        k = rope(proj("k", c.n_kv_heads), positions, c.rope_base)
-        v = proj("v", c.n_kv_heads)
-
-        new_cache = None
-        if kv_cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(
-                kv_cache["k"], k.astype(kv_cache["k"].dtype), (zero, cache_index, zero, zero)
-            )
-            v_all = jax.lax.dynamic_update_slice(
-                kv_cache["v"], v.astype(kv_cache["v"].dtype), (zero, cache_index, zero, zero)
-            )
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(dt), v_all.astype(dt)
-
-        b, t, _, hd = q.shape
-        groups = c.n_heads // c.n_kv_heads
-        q = q.reshape(b, t, c.n_kv_heads, groups, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * (hd**-0.5)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, hd)
+        wq, wk, wv = weight("q", c.n_heads), weight("k", c.n_kv_heads), weight("v", c.n_kv_heads)
         wo = self.param(
             "o",
             nn.with_logical_partitioning(_dense_init(2), ("heads", "head_dim", "embed")),
             (c.n_heads, c.head_dim, c.d_model),
             pdt,
+        ).astype(dt)
+        b, t, _ = x.shape
+        hd = c.head_dim
+
+        if kv_cache is None:
+            # Head-major [B, heads, T, H] straight from the projections: the attention dots
+            # then need no layout transposes around them.
+            q = rope(jnp.einsum("btd,dnh->bnth", x, wq), positions, c.rope_base, heads_first=True)
+            k = rope(jnp.einsum("btd,dkh->bkth", x, wk), positions, c.rope_base, heads_first=True)
+            v = jnp.einsum("btd,dkh->bkth", x, wv)
+            q = q.reshape(b, c.n_kv_heads, groups, t, hd)
+            out = causal_attention(q, k, v, mask, dt, QUERY_BLOCK)
+            wo = wo.reshape(c.n_kv_heads, groups, hd, c.d_model)
+            return jnp.einsum("bkgth,kghd->btd", out, wo), None
+
+        # Incremental decoding: the cache keeps [B, S, kv, H] rows, written at cache_index.
+        q = rope(jnp.einsum("btd,dnh->btnh", x, wq), positions, c.rope_base)
+        k = rope(jnp.einsum("btd,dnh->btnh", x, wk), positions, c.rope_base)
+        v = jnp.einsum("btd,dnh->btnh", x, wv)
+        zero = jnp.zeros((), jnp.int32)
+        k_all = jax.lax.dynamic_update_slice(
+            kv_cache["k"], k.astype(kv_cache["k"].dtype), (zero, cache_index, zero, zero)
         )
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_cache
+        v_all = jax.lax.dynamic_update_slice(
+            kv_cache["v"], v.astype(kv_cache["v"].dtype), (zero, cache_index, zero, zero)
+        )
+        k, v = k_all.astype(dt), v_all.astype(dt)
+        q = q.reshape(b, t, c.n_kv_heads, groups, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * (hd**-0.5)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, hd)
+        out = jnp.einsum("btnh,nhd->btd", out, wo)
+        return out, {"k": k_all, "v": v_all}
 
 
 class MLP(nn.Module):
