@@ -135,6 +135,28 @@ def test_query_blocked_attention_equals_full_scores(params, monkeypatch, block):
     assert float(jnp.abs(full_r)) > 1e-3
 
 
+@pytest.mark.parametrize("lead", [(7,), (2, 3)])
+def test_linear_has_the_gradients_of_a_matmul(lead):
+    kx, kw, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (*lead, 5))
+    w = jax.random.normal(kw, (5, 4))
+    cot = jax.random.normal(kc, (*lead, 4))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)) * cot)
+
+    ours = jax.grad(loss(tm.linear), argnums=(0, 1))(x, w)
+    ref = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    chex.assert_trees_all_close(tm.linear(x, w), x @ w, atol=1e-6)
+    chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        jax.vmap(jax.grad(loss(tm.linear), argnums=1), in_axes=(0, None))(x, w),
+        jax.vmap(jax.grad(loss(jnp.matmul), argnums=1), in_axes=(0, None))(x, w),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
 def test_gqa_equals_multi_head_attention_with_repeated_kv(params):
     mha = tm.TransformerConfig(**{**CFG.to_dict(), "n_kv_heads": CFG.n_heads})
     groups = CFG.n_heads // CFG.n_kv_heads

@@ -91,6 +91,29 @@ def _dense_init(fan_in_axes: int = 1):
     )
 
 
+@jax.custom_vjp
+def linear(x: Array, w: Array) -> Array:
+    """x [..., K] @ w [K, N], differentiated by hand: dx = dy·wᵀ, dw = xᵀ·dy with x as the
+    left operand. The derivative JAX would derive is the same maths, but on XLA:CPU it leaves
+    transposes of the wide [tokens, N] gradient fused into elementwise producers, which were
+    the slowest ops of a training step (benchmarks/BENCHMARKS.md, profiling findings)."""
+    return x @ w
+
+
+def _linear_fwd(x: Array, w: Array):
+    return x @ w, (x, w)
+
+
+def _linear_bwd(residuals, dy: Array):
+    x, w = residuals
+    lead = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))
+    dw = jnp.einsum(f"{lead}k,{lead}n->kn", x, dy)
+    return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 def dropout(x: Array, rate: float | Array, rng: Array | None) -> Array:
     """Inverted dropout whose rate may be a traced value (members of a vmapped ensemble can
     each use their own rate), unlike `nn.Dropout` whose rate must be static."""
@@ -212,15 +235,19 @@ class Attention(nn.Module):
         hd = c.head_dim
 
         if kv_cache is None:
-            # Head-major [B, heads, T, H] straight from the projections: the attention dots
-            # then need no layout transposes around them.
-            q = rope(jnp.einsum("btd,dnh->bnth", x, wq), positions, c.rope_base, heads_first=True)
-            k = rope(jnp.einsum("btd,dkh->bkth", x, wk), positions, c.rope_base, heads_first=True)
-            v = jnp.einsum("btd,dkh->bkth", x, wv)
+            # Head-major [B, heads, T, H] for the attention dots; the projections are 2-D
+            # `linear`s over the flattened heads.
+            def heads(w, n):
+                y = linear(x, w.reshape(c.d_model, n * hd)).reshape(b, t, n, hd)
+                return y.transpose(0, 2, 1, 3)
+
+            q = rope(heads(wq, c.n_heads), positions, c.rope_base, heads_first=True)
+            k = rope(heads(wk, c.n_kv_heads), positions, c.rope_base, heads_first=True)
+            v = heads(wv, c.n_kv_heads)
             q = q.reshape(b, c.n_kv_heads, groups, t, hd)
             out = causal_attention(q, k, v, mask, dt, QUERY_BLOCK)
-            wo = wo.reshape(c.n_kv_heads, groups, hd, c.d_model)
-            return jnp.einsum("bkgth,kghd->btd", out, wo), None
+            out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * hd)
+            return linear(out, wo.reshape(c.n_heads * hd, c.d_model)), None
 
         # Incremental decoding: the cache keeps [B, S, kv, H] rows, written at cache_index.
         q = rope(jnp.einsum("btd,dnh->btnh", x, wq), positions, c.rope_base)
@@ -255,10 +282,10 @@ class MLP(nn.Module):
             init = nn.with_logical_partitioning(_dense_init(), axes)
             return self.param(name, init, shape, pdt).astype(dt)
 
-        gate = x @ w("gate", (c.d_model, c.d_ff), ("embed", "mlp"))
-        up = x @ w("up", (c.d_model, c.d_ff), ("embed", "mlp"))
+        gate = linear(x, w("gate", (c.d_model, c.d_ff), ("embed", "mlp")))
+        up = linear(x, w("up", (c.d_model, c.d_ff), ("embed", "mlp")))
         act = ACTIVATIONS[c.mlp_activation]
-        return (act(gate) * up) @ w("down", (c.d_ff, c.d_model), ("mlp", "embed"))
+        return linear(act(gate) * up, w("down", (c.d_ff, c.d_model), ("mlp", "embed")))
 
 
 class Block(nn.Module):
@@ -363,8 +390,10 @@ class Transformer(nn.Module):
 
     def logits(self, h: Array) -> Array:
         if self.config.tie_embeddings:
-            return self.embed.attend(h).astype(jnp.float32)
-        return (h @ self.lm_head.astype(h.dtype)).astype(jnp.float32)
+            w = self.embed.embedding.astype(h.dtype).T
+        else:
+            w = self.lm_head.astype(h.dtype)
+        return linear(h, w).astype(jnp.float32)
 
     def __call__(
         self,
