@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -104,11 +105,9 @@ def main() -> int:
             med = sorted(res["step_seconds"])[len(res["step_seconds"]) // 2]
             print(f"round {r} {name}: median step {med:.3f} s", flush=True)
 
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
-
-    med = {k: median([t for run in v for t in run["step_seconds"]]) for k, v in runs.items()}
+    med = {
+        k: statistics.median([t for run in v for t in run["step_seconds"]]) for k, v in runs.items()
+    }
     result = {
         "shape": args.shape,
         "workload": {"pairs": args.pairs, "seq_len": args.seq_len, "steps": args.steps},

@@ -60,15 +60,9 @@ def notes(name: str, c: dict) -> str:
         out.append(
             f"bandwidth jax {bw['jax']['median']:.1f} / torch {bw['torch']['median']:.1f} GB/s"
         )
-    env = c.get("environment", {})
-    if env.get("cpu") or c.get("finished_at"):
-        host = (
-            "EPYC"
-            if "EPYC" in env.get("cpu", "")
-            else "Xeon"
-            if "Xeon" in env.get("cpu", "")
-            else env.get("cpu", "?")
-        )
+    cpu = c.get("environment", {}).get("cpu", "")
+    if cpu or c.get("finished_at"):
+        host = next((name for name in ("EPYC", "Xeon") if name in cpu), cpu or "?")
         out.append(f"{host}, {c.get('finished_at', '?')[:10]}")
     return "; ".join(out)
 

@@ -106,8 +106,7 @@ def _linear_fwd(x: Array, w: Array):
 
 def _linear_bwd(residuals, dy: Array):
     x, w = residuals
-    lead = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))
-    dw = jnp.einsum(f"{lead}k,{lead}n->kn", x, dy)
+    dw = jnp.einsum("...k,...n->kn", x, dy)
     return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -260,13 +259,10 @@ class Attention(nn.Module):
         v_all = jax.lax.dynamic_update_slice(
             kv_cache["v"], v.astype(kv_cache["v"].dtype), (zero, cache_index, zero, zero)
         )
-        k, v = k_all.astype(dt), v_all.astype(dt)
-        q = q.reshape(b, t, c.n_kv_heads, groups, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * (hd**-0.5)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, hd)
-        out = jnp.einsum("btnh,nhd->btd", out, wo)
+        q = q.reshape(b, t, c.n_kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
+        k, v = (a.astype(dt).transpose(0, 2, 1, 3) for a in (k_all, v_all))
+        out = _softmax_attend(q, k, v, mask, dt)  # [B, kv, G, T, H]
+        out = jnp.einsum("bkgth,kghd->btd", out, wo.reshape(c.n_kv_heads, groups, hd, c.d_model))
         return out, {"k": k_all, "v": v_all}
 
 
