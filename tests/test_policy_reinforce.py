@@ -14,6 +14,7 @@ from helpers import TINY
 
 from warm_jax import merging
 from warm_jax import sharding as shd
+from warm_jax.errors import UserError
 from warm_jax.models import transformer as tm
 from warm_jax.policy import reinforce as rf
 from warm_jax.policy import sampling
@@ -188,3 +189,8 @@ def test_warp_iteration_is_liti_of_slerp_and_resumes(tmp_path, init_params):
     with gin.config_scope("warp"):
         again = wp.run_warp(tmp_path, **kwargs)
     assert again["iterations"][0]["liti"] == summary["iterations"][0]["liti"]
+    # Another η would make other merges: reusing these would be silently wrong.
+    changed = {**kwargs, "warp": dataclasses.replace(cfg, eta=0.5, front_etas=(0.0, 1.0))}
+    wrong_eta = r"iter1/liti .*warp_config\.eta was 0\.3, is now 0\.5"
+    with gin.config_scope("warp"), pytest.raises(UserError, match=wrong_eta):
+        wp.run_warp(tmp_path, **changed)

@@ -249,6 +249,7 @@ def run_warp(
         run_dirs = [it_dir / f"run{m}" for m in range(warp.num_policies)]
         it_meta = {"iteration": i, "warp": dataclasses.asdict(warp), **(meta or {})}
         if (it_dir / "liti").is_dir() and (it_dir / "slerp").is_dir():
+            _check_same_merge(it_dir / "liti", warp)
             merged = checkpoints.load_params(it_dir / "slerp", target=target)
             nxt = checkpoints.load_params(it_dir / "liti", target=target)
             runs = [checkpoints.load_params(d, target=target) for d in run_dirs]
@@ -301,6 +302,28 @@ def run_warp(
             summary["figure"] = str(plot_front(summary, workdir / FRONT_PNG))
         loop.save_json(workdir / SUMMARY_FILE, summary)
     return summary
+
+
+# The settings an iteration's slerp/ and liti/ checkpoints were computed with; num_iterations
+# and front_etas may change between runs (to extend a run, or to evaluate another grid).
+_MERGE_SETTINGS = ("num_policies", "lam", "eta", "granularity")
+
+
+def _check_same_merge(liti_dir: Path, warp: WarpConfig) -> None:
+    """Resuming must not reuse merges that the current settings would not have produced (and
+    the later iterations that started from them)."""
+    saved = checkpoints.load_metadata(liti_dir).get("warp") or {}
+    now = dataclasses.asdict(warp)
+    changed = [
+        f"warp_config.{k} was {saved[k]!r}, is now {now[k]!r}"
+        for k in _MERGE_SETTINGS
+        if k in saved and saved[k] != now[k]
+    ]
+    if changed:
+        raise UserError(
+            f"{liti_dir} was written with other WARP settings ({'; '.join(changed)}); resume "
+            "with the same settings, or use a fresh workdir"
+        )
 
 
 def _task_cosines(init: PyTree, runs: Sequence[PyTree], granularity: str) -> dict[str, float]:
