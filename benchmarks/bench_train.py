@@ -147,11 +147,44 @@ def bandwidth_repeats(peer: C.Peer | None, repeats: int, mib: int = 256) -> dict
     return out
 
 
+# The same product run other ways, beside the peak: the dot library XLA:CPU uses (YNNPACK by
+# default; Eigen with it off; oneDNN through its graph fusion) and bfloat16, which oneDNN (torch)
+# can run on AMX tiles where the host has them.
+_ONEDNN_DOTS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+}
+CPU_MATMUL_VARIANTS = {
+    "jax_fp32_eigen": {"compiler_options": {"xla_cpu_experimental_ynn_fusion_type": ""}},
+    "jax_fp32_onednn": {"compiler_options": _ONEDNN_DOTS},
+    "jax_bf16": {"dtype": "bfloat16"},
+}
+
+
+def matmul_variant_repeats(peer: C.Peer | None, repeats: int, n: int) -> dict:
+    sides = {"jax_fp32": lambda: C.jax_matmul_gflops(n)}
+    if jax.default_backend() == "cpu":
+        for name, kw in CPU_MATMUL_VARIANTS.items():
+            sides[name] = lambda kw=kw: C.jax_matmul_gflops(n, **kw)
+    if peer is not None:
+        sides["torch_fp32"] = lambda: peer.call("matmul", n=n)
+        sides["torch_bf16"] = lambda: peer.call("matmul", n=n, dtype="bfloat16")
+    runs = C.interleave(repeats, sides)
+    out = {k: C.side_summary(v, "GFLOP/s") for k, v in runs.items()}
+    out["definition"] = (
+        f"median over {repeats} repeats of 3 [{n},{n}]@[{n},{n}] products per side, interleaved;"
+        " jax_fp32_eigen: XLA option xla_cpu_experimental_ynn_fusion_type='' (YNNPACK dots off);"
+        " jax_fp32_onednn: xla_cpu_use_onednn with the oneDNN 'dot' graph fusion"
+    )
+    return out
+
+
 def matmul_peak_case(peer: C.Peer, args) -> dict:
     peak = peak_repeats(peer, args.repeats, args.n)
     bw = bandwidth_repeats(peer, args.repeats)
     ratio = C.paired_ratio(peak["jax"]["repeats"], peak["torch"]["repeats"])
     return {
+        "variants": matmul_variant_repeats(peer, args.repeats, args.n),
         "sort_key": "0",
         "ours": peak["jax"],
         "peer": peak["torch"],

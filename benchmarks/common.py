@@ -219,15 +219,18 @@ def paired_ratio(ours: list[dict], peer: list[dict]) -> dict:
 # Machine measurements on our side (the peer has the same in `peers/_torch_common.py`)
 
 
-def jax_matmul_gflops(n: int = 2048, reps: int = 3) -> dict:
-    """fp32 [n, n] @ [n, n] with jit: 2n³ FLOPs per product; one repeat = `reps` products."""
+def jax_matmul_gflops(
+    n: int = 2048, reps: int = 3, dtype: str = "float32", compiler_options: dict | None = None
+) -> dict:
+    """[n, n] @ [n, n] in `dtype` with jit: 2n³ FLOPs per product; one repeat = `reps` products.
+    `compiler_options` are per-compilation XLA DebugOptions (e.g. which CPU dot library)."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    f = jax.jit(lambda x, y: x @ y)
+    a = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype)
+    b = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype)
+    f = jax.jit(lambda x, y: x @ y).lower(a, b).compile(compiler_options=compiler_options)
     f(a, b).block_until_ready()
     t = time.perf_counter()
     for _ in range(reps):

@@ -60,6 +60,10 @@ def notes(name: str, c: dict) -> str:
         out.append(
             f"bandwidth jax {bw['jax']['median']:.1f} / torch {bw['torch']['median']:.1f} GB/s"
         )
+        variants = c.get("variants", {})
+        rates = [f"{k} {v['median']:.0f}" for k, v in variants.items() if isinstance(v, dict)]
+        if rates:
+            out.append("GFLOP/s " + ", ".join(rates))
     cpu = c.get("environment", {}).get("cpu", "")
     if cpu or c.get("finished_at"):
         host = next((name for name in ("EPYC", "Xeon") if name in cpu), cpu or "?")

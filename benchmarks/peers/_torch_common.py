@@ -32,12 +32,12 @@ def env() -> dict:
     }
 
 
-def matmul(n: int = 2048, reps: int = 3) -> dict:
-    """fp32 [n, n] @ [n, n]: 2n³ FLOPs per product; one repeat = `reps` products."""
+def matmul(n: int = 2048, reps: int = 3, dtype: str = "float32") -> dict:
+    """[n, n] @ [n, n] in `dtype`: 2n³ FLOPs per product; one repeat = `reps` products."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
-    c = torch.empty(n, n)
+    a = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
+    b = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
+    c = torch.empty(n, n, dtype=a.dtype)
     torch.matmul(a, b, out=c)
     t = time.perf_counter()
     for _ in range(reps):
