@@ -32,6 +32,48 @@ def test_save_and_load_params_round_trip(tmp_path):
     assert shapes["params"]["block_0"]["w"].shape == (2, 3)
 
 
+def _orbax_shapes(params_dir):
+    meta = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
+        meta,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+    )
+
+
+def test_shapes_record_equals_orbax_metadata_and_is_checked(tmp_path):
+    out = ck.save_params(tmp_path / "m", _tree())
+    record = out / ck.PARAMS_ITEM / ck.SHAPES_FILE
+    assert record.is_file()
+    from_record = ck.params_shapes(out)
+    chex.assert_trees_all_equal_structs(from_record, _orbax_shapes(out / ck.PARAMS_ITEM))
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), from_record) == jax.tree.map(
+        lambda s: (s.shape, s.dtype), _orbax_shapes(out / ck.PARAMS_ITEM)
+    )
+    assert from_record["params"]["b"].dtype == jnp.bfloat16
+    # A damaged record is named, not trusted.
+    for text, why in [
+        ("{", "corrupt shapes file"),
+        ('{"leaves": [[["params", "w"], [2, "x"], "float32"]]}', r"entry 0: invalid literal"),
+        ('{"leaves": [[["p"], [2], "float32"], [["p", "w"], [2], "float32"]]}', "clashes"),
+        ('{"leaves": [[["p"], [2], "no_such_dtype"]]}', "entry 0"),
+    ]:
+        record.write_text(text)
+        with pytest.raises(ck.CorruptCheckpointError, match=f"{record}.*{why}|{why}.*{record}"):
+            ck.load_params(out)
+    # Checkpoints without a record (earlier versions) read their shapes through Orbax.
+    record.unlink()
+    assert ck.params_shapes(out) == from_record
+    chex.assert_trees_all_equal(ck.load_params(out), _tree())
+
+
+def test_trees_other_than_nested_dicts_get_no_shapes_record(tmp_path):
+    tree = {"params": [np.arange(3.0), np.ones((2, 2), np.float32)]}
+    out = ck.save_params(tmp_path / "m", tree)
+    assert not (out / ck.PARAMS_ITEM / ck.SHAPES_FILE).exists()
+    assert ck.params_shapes(out)["params"][1].shape == (2, 2)
+
+
 def test_overwrite_replaces_atomically_and_leaves_no_temporaries(tmp_path):
     ck.save_params(tmp_path / "m", _tree(1.0))
     ck.save_params(tmp_path / "m", _tree(2.0))
@@ -93,19 +135,20 @@ def _reference_fingerprint(x: np.ndarray) -> int:
     "dtype", [np.float32, jnp.bfloat16, np.float16, np.int32, np.uint8, np.bool_]
 )
 def test_host_and_device_fingerprints_agree_with_the_definition(dtype):
-    """Host (numpy, chunked with wrap-around) and device (jitted) fingerprints of the same array
+    """Host (numpy, row and column sums with wrap-around) and device (jitted) fingerprints of the same array
     are the same number, the one the definition gives, across chunk boundaries; so checkpoints
     fingerprinted by either path verify with the other."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((37, 29)) * 1000).astype(np.float32)
     x = (x > 0) if dtype is np.bool_ else x.astype(dtype)
     want = _reference_fingerprint(x)
-    for chunk in (7, 64, 1 << 20):  # several chunks, a ragged last one, a single one
-        assert ck._host_fingerprint(x, chunk=chunk) == want
+    for width in (7, 64, 1 << 20):  # many rows and a ragged end; one ragged end only
+        assert ck._host_fingerprint(x, width=width) == want
     assert int(ck._device_fingerprint(jnp.asarray(x))) == want
     # Large values: the uint32 products and sums wrap around, as they do on the device.
     big = np.full(3000, np.uint32(0xFFFFFFFF))
-    assert ck._host_fingerprint(big, chunk=1000) == _reference_fingerprint(big)
+    assert ck._host_fingerprint(big, width=1000) == _reference_fingerprint(big)
+    assert ck._host_fingerprint(big, width=7) == _reference_fingerprint(big)
     assert int(ck._device_fingerprint(jnp.asarray(big))) == _reference_fingerprint(big)
     tree = {"a": x, "b": {"c": jnp.asarray(x)}}
     host_fp, device_fp = ck.fingerprints(tree)["['a']"], ck.fingerprints(tree)["['b']['c']"]

@@ -51,6 +51,7 @@ PARAMS_ITEM = "params"
 META_FILE = "warm_jax.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINGERPRINTS_FILE = "fingerprints.json"  # inside params/ in a params checkpoint
+SHAPES_FILE = "shapes.json"  # inside params/ in a params checkpoint (nested-dict trees)
 FINGERPRINTS_ITEM = "fingerprints"  # an item of a training step
 QUARANTINE_DIR = "corrupt_checkpoints"  # where unreadable training steps are moved aside
 ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
@@ -86,37 +87,41 @@ def _device_fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
-_HOST_CHUNK = 1 << 20
+_HOST_WIDTH = 1024
 
 
 @functools.cache
-def _host_weights(chunk: int) -> np.ndarray:
-    return (np.arange(chunk, dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
+def _host_weights(width: int) -> np.ndarray:
+    return (np.arange(width, dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
 
 
-def _host_fingerprint(x: np.ndarray, chunk: int = _HOST_CHUNK) -> int:
-    """The same sum on the host, chunk by chunk: all arithmetic is modulo 2**32, so it runs in
-    uint32 with wrap-around. For the chunk starting at `s`, sum_i bits_i (2 (s + i) + 1) =
-    sum_i bits_i (2 i + 1) + 2 s sum_i bits_i: one fixed weight vector, a dot product and a sum
-    (a few passes over a cache-sized buffer, no per-element temporaries)."""
+def _host_fingerprint(x: np.ndarray, width: int = _HOST_WIDTH) -> int:
+    """The same sum on the host. All arithmetic is modulo 2**32, and numpy's uint32 sums and dot
+    products wrap the same way. Laid out as rows of `width` (i = r·width + k), the bulk is
+
+        sum_i bits_i (2 i + 1) = 2·width·sum_r r·rowsum_r + sum_k (2 k + 1)·colsum_k,
+
+    two plain reductions over the data (vectorised, no per-element products or widened
+    copies: about twice as fast as one weighted dot product per element); the ragged end, at
+    offset s, adds sum_i bits_i (2 i + 1) + 2 s sum_i bits_i."""
     x = np.ascontiguousarray(x)
     if x.dtype == np.bool_:
         bits = x.reshape(-1).view(np.uint8)
     else:
         unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
         bits = x.reshape(-1).view(unsigned)
-    weights = _host_weights(chunk)
-    buf = np.empty(min(chunk, bits.size), np.uint32)
+    weights = _host_weights(width)
+    bulk = bits.size - bits.size % width
     total = 0
-    for start in range(0, bits.size, chunk):
-        seg = bits[start : start + chunk]
-        if seg.dtype == np.uint32:
-            b = seg  # already the right type: no copy
-        else:
-            b = buf[: seg.size]
-            b[...] = seg
-        total += int(np.dot(b, weights[: b.size]))
-        total += 2 * start * int(b.sum(dtype=np.uint32))
+    if bulk:
+        rows = bits[:bulk].reshape(-1, width)
+        row_sums = rows.sum(axis=1, dtype=np.uint32)
+        total += 2 * width * int(np.dot(np.arange(row_sums.size, dtype=np.uint32), row_sums))
+        total += int(np.dot(rows.sum(axis=0, dtype=np.uint32), weights))
+    if bulk < bits.size:
+        tail = bits[bulk:].astype(np.uint32)
+        total += int(np.dot(tail, weights[: tail.size]))
+        total += 2 * bulk * int(tail.sum(dtype=np.uint32))
     return total & 0xFFFFFFFF
 
 
@@ -283,9 +288,60 @@ def resolve_params_dir(path: str | os.PathLike) -> Path:
     )
 
 
+# Orbax learns a tree's shapes by opening every array's tensorstore (~0.25 s for a 272-array
+# SmolLM2-135M tree, paid by every load and by every input of a merge). Params checkpoints
+# therefore also record them, for trees of nested string-keyed dicts (what models are), as
+# {"leaves": [[[key, ...], [dim, ...], dtype], ...]}; others are read through Orbax.
+
+
+def _shapes_record(tree: Any) -> dict | None:
+    leaves = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [getattr(k, "key", None) for k in path]
+        if not all(isinstance(k, jax.tree_util.DictKey) for k in path) or not all(
+            isinstance(k, str) for k in keys
+        ):
+            return None
+        leaves.append([keys, [int(d) for d in np.shape(x)], _dtype_name(x)])
+    return {"leaves": leaves}
+
+
+def _shapes_from_record(path: Path) -> Any:
+    def corrupt(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"corrupt shapes file {path}: {why}")
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(str(e)) from None
+    leaves = record.get("leaves") if isinstance(record, dict) else None
+    if not isinstance(leaves, list) or not leaves:
+        raise corrupt("no 'leaves' list")
+    tree: dict = {}
+    for i, leaf in enumerate(leaves):
+        try:
+            keys, shape, dtype = leaf
+            struct = jax.ShapeDtypeStruct(tuple(int(d) for d in shape), jnp.dtype(dtype))
+            if not keys or not all(isinstance(k, str) for k in keys):
+                raise ValueError("keys must be a non-empty list of strings")
+            node = tree
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"{keys} clashes with another entry")
+            if keys[-1] in node:
+                raise ValueError(f"{keys} clashes with another entry")
+            node[keys[-1]] = struct
+        except (TypeError, ValueError) as e:
+            raise corrupt(f"entry {i}: {e}") from None
+    return tree
+
+
 def params_shapes(path: str | os.PathLike) -> Any:
     """The saved parameter tree as `jax.ShapeDtypeStruct` leaves, without reading any weights."""
     params_dir = resolve_params_dir(path)
+    if (params_dir / SHAPES_FILE).is_file():
+        return _shapes_from_record(params_dir / SHAPES_FILE)
     try:
         meta = ocp.StandardCheckpointer().metadata(params_dir)
     except Exception as e:  # Orbax raises many types on a damaged checkpoint.
@@ -462,6 +518,9 @@ def save_params(
         ckptr.wait_until_finished()
         if primary:
             (tmp / PARAMS_ITEM / FINGERPRINTS_FILE).write_text(json.dumps(fps))
+            shapes = _shapes_record(params)
+            if shapes is not None:
+                (tmp / PARAMS_ITEM / SHAPES_FILE).write_text(json.dumps(shapes))
             (tmp / META_FILE).write_text(json.dumps(dict(metadata or {}), indent=2, default=str))
             commit_directory(tmp, final)
         if multi:
