@@ -14,7 +14,8 @@ Both kinds also record a *fingerprint* of every array (`params/fingerprints.json
 Orbax has finished that directory, or a `fingerprints` item of a training step), checked whenever
 the arrays are read back: Orbax stores array data without checksums, so a flipped bit in a data
 file would otherwise load as silently different weights. Checkpoints written before fingerprints
-existed load unchecked.
+existed load unchecked. Params checkpoints also record their tree's shapes and dtypes
+(`params/shapes.json`), which loaders read instead of asking Orbax to open every array.
 
 Params checkpoints store their arrays uncompressed (`save_params(..., compress=False)`): they are
 what merges and evaluations read, often many at once, and model weights barely compress (a
