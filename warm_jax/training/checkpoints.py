@@ -298,12 +298,9 @@ def resolve_params_dir(path: str | os.PathLike) -> Path:
 def _shapes_record(tree: Any) -> dict | None:
     leaves = []
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [getattr(k, "key", None) for k in path]
-        if not all(isinstance(k, jax.tree_util.DictKey) for k in path) or not all(
-            isinstance(k, str) for k in keys
-        ):
+        if not all(isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str) for k in path):
             return None
-        leaves.append([keys, [int(d) for d in np.shape(x)], _dtype_name(x)])
+        leaves.append([[k.key for k in path], [int(d) for d in np.shape(x)], _dtype_name(x)])
     return {"leaves": leaves}
 
 
