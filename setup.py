@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "chex==0.1.92",
     "numpy>=2.0,<3",
+    # ml_dtypes 0.7.0 takes ~1 s to import (its extension registers its ufunc loops one by one,
+    # each compared with all before it); 0.6.0 takes 10 ms, and every process imports it.
+    "ml_dtypes==0.6.0",
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "tokenizers>=0.20",
