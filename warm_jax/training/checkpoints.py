@@ -584,9 +584,13 @@ class TrainCheckpoints:
         raises if anything is still being written there.)"""
         if jax.process_index() != 0 or not self.directory.is_dir():
             return
-        for p in self.directory.iterdir():
-            if ORBAX_TMP_MARK in p.name:
-                shutil.rmtree(p, ignore_errors=True)
+        unfinished = [p for p in self.directory.iterdir() if ORBAX_TMP_MARK in p.name]
+        if unfinished:
+            # A save that failed earlier in this process may still have writer threads adding
+            # files there: a plain removal would race them and leave a partial copy behind.
+            _settle_orbax_writers()
+        for p in unfinished:
+            _remove_unfinished(p)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
