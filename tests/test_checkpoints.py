@@ -150,9 +150,13 @@ def test_host_and_device_fingerprints_agree_with_the_definition(dtype):
     assert ck._host_fingerprint(big, width=1000) == _reference_fingerprint(big)
     assert ck._host_fingerprint(big, width=7) == _reference_fingerprint(big)
     assert int(ck._device_fingerprint(jnp.asarray(big))) == _reference_fingerprint(big)
-    tree = {"a": x, "b": {"c": jnp.asarray(x)}}
-    host_fp, device_fp = ck.fingerprints(tree)["['a']"], ck.fingerprints(tree)["['b']['c']"]
-    assert host_fp == device_fp == f"{want:08x}:{np.dtype(dtype).name}"
+    # Numpy and single-CPU-device arrays are fingerprinted on the host, arrays over several
+    # devices by the jitted reduction; all give the same strings.
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    spread = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    assert ck._on_host(x) and ck._on_host(jnp.asarray(x)) and not ck._on_host(spread)
+    fps = ck.fingerprints({"a": x, "b": {"c": jnp.asarray(x)}, "d": spread})
+    assert fps["['a']"] == fps["['b']['c']"] == fps["['d']"] == f"{want:08x}:{np.dtype(dtype).name}"
 
 
 def _data_bytes(params_dir) -> int:

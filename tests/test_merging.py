@@ -106,6 +106,40 @@ def test_average_accumulates_bfloat16_in_float32():
     assert float(naive[0]) == 1.0  # what bfloat16 accumulation would have given
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+def test_running_average_fold_is_bitwise_the_updates_one_by_one(dtype):
+    """Folding several inputs per pass (what streaming merges do) gives the same bits as one
+    `running_average_update` per input, however the inputs are grouped, and casts at the end."""
+    trees = [tree(s, dtype, scale=10.0**s) for s in range(5)]  # magnitudes that round differently
+    weights = [3.0, 0.5, 1.0, 7.0, 2.0]
+    c = mg.running_average_coefficients(weights, 5)
+    mean = mg.upcast(trees[0])
+    for m in range(1, 5):
+        mean = mg.running_average_update(mean, trees[m], c[m])
+    expected = mg.cast_like(mean, trees[0])
+    assert_bitwise_equal(expected, mg.average(trees, weights))
+    for groups in ([5], [2, 3], [1, 1, 3], [4, 1]):
+        out, start = None, 0
+        for n in groups:
+            last = start + n == 5
+            out = mg.running_average_fold(
+                out,
+                trees[start : start + n],
+                c[start : start + n],
+                dtype=trees[0] if last else None,
+            )
+            if not last:
+                assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
+            start += n
+        assert_bitwise_equal(out, expected)
+    # The float32 mean equals the updates' before the cast, too.
+    assert_bitwise_equal(mg.running_average_fold(None, trees, c), mean)
+    with pytest.raises(ValueError, match="no inputs"):
+        mg.running_average_fold(None, [], c[:0])
+    with pytest.raises(mg.TreeMismatchError):
+        mg.running_average_fold(None, [trees[0], {"w": trees[1]}], c[:2])
+
+
 # ---------------------------------------------------------------------------------- lerp etc.
 
 

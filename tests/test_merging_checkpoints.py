@@ -11,6 +11,7 @@ import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -19,6 +20,7 @@ from warm_jax import cli
 from warm_jax import merging as mg
 from warm_jax import merging_checkpoints as mc
 from warm_jax.errors import UserError
+from warm_jax.training import checkpoint_arrays as ca
 from warm_jax.training import checkpoints as ck
 
 # A read of a damaged checkpoint fails inside Orbax's event loop, whose leftover callbacks
@@ -86,6 +88,66 @@ def test_streaming_average_equals_in_memory_average(ckpts, tmp_path, dtype, weig
     assert record["accumulation"] == "float32"
     # The first input's metadata (model config) is carried over for loaders.
     assert ck.load_metadata(out)["model"] == {"d_model": 3}
+
+
+def _count_host_reads(monkeypatch) -> list:
+    calls = []
+    real = ca.ArrayFiles.read_into
+
+    def counting(self, keys, outs):
+        calls.append(len(keys))
+        return real(self, keys, outs)
+
+    monkeypatch.setattr(ca.ArrayFiles, "read_into", counting)
+    return calls
+
+
+@pytest.mark.parametrize("route", ["host, one pass", "host, passes of 2", "orbax", "mixed"])
+def test_average_is_the_same_whichever_way_it_is_read_and_folded(
+    ckpts, tmp_path, monkeypatch, route
+):
+    """Inputs read straight through TensorStore (into flat buffers, averaged whole) or through
+    Orbax's restore (leaf by leaf), folded all at once or over several passes with a float32
+    accumulator: the same bits as the in-memory average."""
+    paths, trees = ckpts["bfloat16"]
+    inputs, expected = list(paths[:4]), mg.average(trees[:4], [1.0, 2.0, 5.0, 0.5])
+    host_reads = _count_host_reads(monkeypatch)
+    if route == "host, passes of 2":
+        monkeypatch.setattr(mc, "FOLD_MAX", 2)
+    if route == "orbax":
+        monkeypatch.setattr(ca.ArrayFiles, "open", classmethod(lambda cls, d: None))
+    if route == "mixed":  # one input in a layout only Orbax reads: all go through Orbax
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+        with ocp.Checkpointer(handler) as no_ocdbt:
+            no_ocdbt.save(tmp_path / "plain" / ck.PARAMS_ITEM, args=ocp.args.PyTreeSave(trees[3]))
+        inputs[3] = tmp_path / "plain"
+    out = mc.merge_checkpoints(
+        "average",
+        inputs,
+        tmp_path / "avg",
+        weights=[1.0, 2.0, 5.0, 0.5],
+        chunk_mb=TINY_CHUNK_MB,
+        progress=False,
+    )
+    assert_bitwise_equal(load(out), expected)
+    assert bool(host_reads) == route.startswith("host")
+    if host_reads:  # every leaf of every input, read once
+        assert sum(host_reads) == 4 * len(jax.tree.leaves(trees[0]))
+
+
+def test_fold_sizes_keep_the_working_set_of_oversized_chunks():
+    """An average merges min(M, FOLD_MAX) inputs per pass; a chunk bigger than asked (one large
+    array) merges fewer per pass, so that its working set stays within the budget."""
+    mb = 2**20 / 4  # parameters in a float32 MB
+    # bfloat16, M = 8, two reads ahead: (8 + 2 + 1) * 2 = 22 bytes per parameter at the full fold.
+    assert mc.default_chunk_mb("average", 8, 2, host=True) == pytest.approx(512 * 4 / 22)
+    assert mc.default_chunk_mb("slerp", 8, 2) == mc.DEFAULT_CHUNK_MB["slerp"]
+    # A chunk of n parameters merged k < 8 per pass holds (k + 2 + 1) * 2 + 4 bytes each; the
+    # budget of a 100 MB chunk is 100 * 22: 110 MB -> 2k + 10 <= 20 -> k = 5; 150 MB -> k = 2.
+    sizes = [100 * mb, 50 * mb, 110 * mb, 150 * mb, 200 * mb, 10**12]
+    assert mc.fold_sizes(sizes, 100, 8, 2, host=True) == [8, 8, 5, 2, 1, 1]
+    # Through Orbax (one read ahead) and with fewer inputs than FOLD_MAX.
+    assert mc.fold_sizes([100 * mb], 100, 3, 4, host=False) == [3]
 
 
 @pytest.mark.parametrize("granularity", ["leaf", "layer"])

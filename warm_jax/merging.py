@@ -208,6 +208,22 @@ _mean_update_jit = jax.jit(_mean_update_leaf)
 _mean_update_donated = jax.jit(_mean_update_leaf, donate_argnums=0)
 
 
+def _mean_fold_leaf(
+    mean: jax.Array | None, xs: tuple[jax.Array, ...], cs: jax.Array, dtype: str | None
+) -> jax.Array:
+    # The same operations as `_mean_update_leaf` one input after another, in one fused loop:
+    # the accumulator stays in registers instead of making a round trip through memory per input.
+    if mean is None:
+        mean, xs, cs = _up(xs[0]), xs[1:], cs[1:]
+    for i, x in enumerate(xs):
+        mean = _mean_update_leaf(mean, x, cs[i])
+    return mean if dtype is None else mean.astype(dtype)
+
+
+_mean_fold_start = jax.jit(functools.partial(_mean_fold_leaf, None), static_argnames="dtype")
+_mean_fold_donated = jax.jit(_mean_fold_leaf, static_argnames="dtype", donate_argnums=0)
+
+
 @jax.jit
 def _lerp_leaf(a: jax.Array, b: jax.Array, t: jax.Array) -> jax.Array:
     tt = t.astype(accumulation_dtype(a.dtype))
@@ -432,6 +448,44 @@ def running_average_update(
     c = _scalar(coefficient)
     out = [fn(m, x, c) for m, x in zip(jax.tree.leaves(mean), jax.tree.leaves(params))]
     return jax.tree.unflatten(jax.tree.structure(mean), out)
+
+
+def running_average_fold(
+    mean: PyTree | None,
+    params: Sequence[PyTree],
+    coefficients: jax.Array,
+    *,
+    dtype: PyTree | None = None,
+) -> PyTree:
+    """`running_average_update` for several inputs at once, bit-identical to applying it once
+    per input, but one pass over memory instead of one per input.
+
+    `mean=None` starts a new mean (`coefficients[0]` is then ignored: μ_1 = θ_1 in float32);
+    otherwise `mean` is overwritten in place (donated). `coefficients[i]` is c_m of `params[i]`.
+    With `dtype` (a tree of arrays or ShapeDtypeStructs) the result is cast to its leaves' dtypes
+    in the same pass, which ends the mean; without, it stays in the accumulation dtype."""
+    params = list(params)
+    if not params:
+        raise ValueError("running_average_fold of no inputs")
+    ref = params[0] if mean is None else mean
+    for i, p in enumerate(params):
+        check_compatible(ref, p, names=["mean", f"params[{i}]"], check_dtypes=False)
+    treedef = jax.tree.structure(ref)
+    cs = jnp.asarray(coefficients, jnp.float32).reshape(len(params))
+    columns = list(zip(*[jax.tree.leaves(p) for p in params]))
+    dtypes = (
+        [str(_dtype(d)) for d in jax.tree.leaves(dtype)]
+        if dtype is not None
+        else [None] * len(columns)
+    )
+    if mean is None:
+        out = [_mean_fold_start(xs, cs, dtype=d) for xs, d in zip(columns, dtypes)]
+    else:
+        out = [
+            _mean_fold_donated(m, xs, cs, dtype=d)
+            for m, xs, d in zip(jax.tree.leaves(mean), columns, dtypes)
+        ]
+    return jax.tree.unflatten(treedef, out)
 
 
 def average(

@@ -4,15 +4,19 @@ A merge reads its inputs *chunk by chunk*: the parameter tree is cut into chunks
 (`chunk_mb` of float32 each) and, for each chunk, the inputs are read one after another and
 folded into a float32 accumulator with the in-memory functions of `warm_jax.merging`:
 
-* average: the running weighted mean μ ← μ + c_m (θ_m - μ), c_m = w_m / Σ_{j≤m} w_j;
+* average: the running weighted mean μ ← μ + c_m (θ_m - μ), c_m = w_m / Σ_{j≤m} w_j, up to
+           FOLD_MAX inputs per pass over memory (the same bits as one input per pass);
 * slerp:   s ← slerp(θ_base, s, θ_m, t = 1/m) (WARP's iterated SLERP; `t` itself when M = 2;
            one angle per layer or per array, so a chunk never splits a layer);
 * liti:    the slerp above (or the single input), then (1 - η) θ_base + η s.
 
 Every merge is local to a layer (one SLERP angle per leaf or per layer), so the chunked result
 is bit-identical to the in-memory one, and peak memory is the merged model plus a few chunks,
-whatever the number of inputs. Arrays are restored with the shardings given (or onto one
-device), so on a multi-host job each process reads, merges and writes only its own shards.
+whatever the number of inputs. Arrays are restored with the shardings given, so on a multi-host
+job each process reads, merges and writes only its own shards; in one process without
+shardings they are read straight through TensorStore (`training.checkpoint_arrays`) into
+aligned host buffers, one flat buffer per chunk and dtype, which an average treats as a single
+array.
 
 Nothing appears at the output path until the merged checkpoint is complete: inputs are checked
 (existence, completeness, same tree / shapes / dtypes) before any weight is read, the merge
@@ -30,6 +34,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,15 +46,62 @@ import orbax.checkpoint as ocp
 
 from warm_jax import merging as mg
 from warm_jax.errors import UserError
+from warm_jax.training import checkpoint_arrays as ca
 from warm_jax.training import checkpoints as ck
 
 PyTree = Any
 METHODS: tuple[str, ...] = ("average", "slerp", "liti")
-# Float32 MB per chunk. Each chunk costs one Orbax restore per input (~50 ms of Python), so bigger
-# chunks read faster; the peak grows with the chunk's working set: a float32 accumulator plus one
-# input for averages, the base, two float32 merges and one input for SLERP. Measured on
-# SmolLM2-135M (bfloat16): average 256 MB -> ~0.85 GB peak; SLERP 64 MB -> ~0.75 GB (256 MB: ~1.05).
-DEFAULT_CHUNK_MB = {"average": 256, "slerp": 64, "liti": 64}
+# Float32 MB of parameters per chunk for SLERP and LITI, whose working set is the base, two float32
+# merges and one input (SmolLM2-135M, bfloat16: 64 MB -> ~0.75 GB peak; 256 MB: ~1.05).
+DEFAULT_CHUNK_MB = {"slerp": 64, "liti": 64}
+# An average merges up to FOLD_MAX inputs per pass over memory; its chunks are sized so that the
+# working set (that many inputs, the next one being read, the float32 accumulator when there is
+# more than one pass, the merged output) stays about AVERAGE_WORKING_SET_MB whatever the number
+# of inputs (SmolLM2-135M, bfloat16: ~0.85 GB peak).
+FOLD_MAX = 8
+AVERAGE_WORKING_SET_MB = 512
+
+
+def read_ahead(host: bool) -> int:
+    """Reads in flight (one thread each): two for host reads, whose TensorStore copies and
+    numpy fingerprints release the GIL; one through Orbax, whose restores from several threads
+    at once are not known to be safe; none with several processes, which keep every collective
+    call on the main thread."""
+    if jax.process_count() > 1:
+        return 0
+    return 2 if host else 1
+
+
+def _average_bytes_per_param(fold: int, n_inputs: int, itemsize: int, ahead: int) -> int:
+    # `fold` inputs being merged, `ahead` being read, the output, the accumulator between passes.
+    return (fold + ahead + 1) * itemsize + (4 if n_inputs > fold else 0)
+
+
+def default_chunk_mb(method: str, n_inputs: int, itemsize: int, host: bool = True) -> float:
+    """Float32 MB of parameters per chunk when none is given (`itemsize`: the inputs' widest)."""
+    if method != "average":
+        return DEFAULT_CHUNK_MB[method]
+    fold = min(n_inputs, FOLD_MAX)
+    per_param = _average_bytes_per_param(fold, n_inputs, itemsize, read_ahead(host))
+    return AVERAGE_WORKING_SET_MB * 4 / per_param
+
+
+def fold_sizes(
+    chunk_params: Sequence[int], chunk_mb: float, n_inputs: int, itemsize: int, host: bool = True
+) -> list[int]:
+    """Inputs merged per pass in each chunk of an average: up to FOLD_MAX, fewer in a chunk
+    larger than `chunk_mb` (one big array, e.g. an embedding) so that its working set stays
+    within what a chunk of `chunk_mb` at the full fold would hold."""
+    ahead = read_ahead(host)
+    full = min(n_inputs, FOLD_MAX)
+    budget = chunk_mb * 2**20 / 4 * _average_bytes_per_param(full, n_inputs, itemsize, ahead)
+    folds = []
+    for n in chunk_params:
+        fold = full
+        while fold > 1 and n * _average_bytes_per_param(fold, n_inputs, itemsize, ahead) > budget:
+            fold -= 1
+        folds.append(fold)
+    return folds
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,14 +254,61 @@ def _nested_set(tree: dict, path: mg.KeyPath, value: Any) -> None:
     tree[path[-1]] = value
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _HostChunk:
+    """One input's leaves of a chunk, read into host memory: per dtype, one flat 64-byte-aligned
+    buffer holding every leaf of that dtype (`tree` holds views into them), so that XLA:CPU uses
+    them in place and an average can treat each buffer as a single array."""
+
+    tree: dict
+    flats: dict[str, np.ndarray]
+    layout: dict  # {dtype name: (FlatLayout, leaf indices)}, shared by a chunk's inputs
+    buffers: list[np.ndarray]  # the pooled memory under `flats`
+
+
 class _Reader:
-    """Restores a subset of a checkpoint's leaves (a partial Orbax restore), as jax.Arrays with
-    the given shardings, or as host numpy arrays (cheaper to read; the merge kernels then place
-    them on the default device) when `shardings` is None."""
+    """Reads a subset of a checkpoint's leaves.
+
+    With `shardings`, or for checkpoints whose layout `checkpoint_arrays` does not read, through a
+    partial Orbax restore, as jax.Arrays with those shardings or host numpy arrays. Otherwise
+    (one process, no shardings) straight through TensorStore into the flat host buffers of a
+    `_HostChunk`: several times less work per read than Orbax's restore."""
 
     def __init__(self, shardings: Sequence[jax.sharding.Sharding] | None):
         self._ckptr = ocp.PyTreeCheckpointer()
         self._shardings = shardings
+        self._files: dict[Path, ca.ArrayFiles | None] = {}
+        self.host = True  # cleared by merges whose inputs cannot all be read into host chunks
+        self.pool = ca.BufferPool()
+        self._lock = threading.Lock()
+        self._layouts: dict[tuple[int, ...], dict[str, tuple[ca.FlatLayout, list[int]]]] = {}
+
+    def reads_host(self, ckpt: Checkpoint) -> bool:
+        """Whether `ckpt` can be read into host chunks (see the class docstring)."""
+        return self._array_files(ckpt) is not None
+
+    def _array_files(self, ckpt: Checkpoint) -> ca.ArrayFiles | None:
+        if self._shardings is not None or jax.process_count() > 1 or not self.host:
+            return None
+        if ckpt.params_dir not in self._files:
+            files = ca.ArrayFiles.open(ckpt.params_dir)
+            keys = [list(path) for path, _ in ckpt.leaves]
+            self._files[ckpt.params_dir] = files if files and all(map(files.has, keys)) else None
+        return self._files[ckpt.params_dir]
+
+    def _layout(self, ckpt: Checkpoint, indices: Sequence[int]) -> dict:
+        """{dtype name: (flat layout, leaf indices)} of a chunk; the same for every input."""
+        key = tuple(indices)
+        with self._lock:
+            if key not in self._layouts:
+                by_dtype: dict[str, list[int]] = {}
+                for i in key:
+                    by_dtype.setdefault(np.dtype(ckpt.leaves[i][1].dtype).name, []).append(i)
+                self._layouts[key] = {
+                    name: (ca.FlatLayout([ckpt.leaves[i][1].shape for i in idx], name), idx)
+                    for name, idx in by_dtype.items()
+                }
+            return self._layouts[key]
 
     def _args(self, i: int, s: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
         if self._shardings is None:
@@ -218,7 +317,7 @@ class _Reader:
             sharding=self._shardings[i], global_shape=s.shape, dtype=s.dtype
         )
 
-    def read(self, ckpt: Checkpoint, indices: Sequence[int], partial: bool) -> PyTree:
+    def _read_orbax(self, ckpt: Checkpoint, indices: Sequence[int], partial: bool) -> PyTree:
         leaves = ckpt.leaves
         if partial:
             item: dict = {}
@@ -233,42 +332,66 @@ class _Reader:
                 jax.tree.structure(ckpt.shapes),
                 [self._args(i, s) for i, (_, s) in enumerate(leaves)],
             )
+        return self._ckptr.restore(
+            ckpt.params_dir,
+            args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=partial
+            ),
+        )
+
+    def _read_host(
+        self, ckpt: Checkpoint, files: ca.ArrayFiles, indices: Sequence[int]
+    ) -> _HostChunk:
+        tree: dict = {}
+        flats, buffers = {}, []
+        for name, (layout, idx) in self._layout(ckpt, indices).items():
+            buffers.append(self.pool.take(layout.nbytes))
+            flats[name] = layout.empty(buffers[-1])
+            views = layout.views(flats[name])
+            files.read_into([list(ckpt.leaves[i][0]) for i in idx], views)
+            for i, v in zip(idx, views):
+                _nested_set(tree, ckpt.leaves[i][0], v)
+        return _HostChunk(tree, flats, self._layout(ckpt, indices), buffers)
+
+    def read(self, ckpt: Checkpoint, indices: Sequence[int], partial: bool) -> PyTree | _HostChunk:
+        files = self._array_files(ckpt) if partial else None
         try:
-            out = self._ckptr.restore(
-                ckpt.params_dir,
-                args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=partial
-                ),
-            )
+            if files is not None:
+                out = self._read_host(ckpt, files, indices)
+            else:
+                out = self._read_orbax(ckpt, indices, partial)
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-            first = mg.path_str(leaves[indices[0]][0])
+            first = mg.path_str(ckpt.leaves[indices[0]][0])
             raise UserError(
                 f"cannot read {ckpt.label} (parameters from {first}, {len(indices)} arrays) "
                 f"in {ckpt.params_dir}: {type(e).__name__}: {e}"
             ) from None
         # Done here, on the prefetch thread, so that it overlaps with the merge kernels.
-        ck.verify_fingerprints(out, ckpt.fingerprints, f"{ckpt.label} in {ckpt.params_dir}")
+        tree = out.tree if isinstance(out, _HostChunk) else out
+        ck.verify_fingerprints(tree, ckpt.fingerprints, f"{ckpt.label} in {ckpt.params_dir}")
         return out
 
 
 class _Prefetcher:
-    """Performs a merge's reads in their known order on one background thread, one read ahead,
-    so that Orbax's Python-side work and tensorstore's decompression overlap with the merge
-    kernels (a serial merge keeps only one of the two cores busy)."""
+    """Performs a merge's reads in their known order on `ahead` background threads, that many
+    reads ahead, so that reading (TensorStore's copies, Orbax's Python-side work, checking
+    fingerprints) overlaps with the merge kernels and, with two threads, with itself: a serial
+    merge keeps only one of two cores busy. `ahead=0` reads on the calling thread."""
 
     def __init__(
         self,
         reader: _Reader,
         jobs: Sequence[tuple[Checkpoint, list[int]]],
         partial: bool,
-        enabled: bool,
+        ahead: int,
     ):
         self._reader, self._jobs, self._partial = reader, list(jobs), partial
         self._next = 0
+        self._ahead = ahead
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._pool = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="warm_jax-merge-read")
-            if enabled
+            concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="warm_jax-merge-read")
+            if ahead > 0
             else None
         )
 
@@ -285,8 +408,8 @@ class _Prefetcher:
             raise RuntimeError(f"read order broken: got {ckpt.label}, planned {expected.label}")
         if self._pool is None:
             return self._reader.read(ckpt, indices, self._partial)
-        self._submit(k)
-        self._submit(k + 1)
+        for j in range(k, k + self._ahead + 1):
+            self._submit(j)
         return self._pending.pop(k).result()
 
     def close(self) -> None:
@@ -397,36 +520,72 @@ def make_spec(
     return MergeSpec(method, n_inputs, None, t2, float(eta), granularity, eps)
 
 
+def _trees(chunks: Sequence[PyTree | _HostChunk]) -> list[PyTree]:
+    return [c.tree if isinstance(c, _HostChunk) else c for c in chunks]
+
+
+def _average_chunk(
+    read: Callable[[Checkpoint], PyTree | _HostChunk],
+    inputs: Sequence[Checkpoint],
+    coefficients: jax.Array,
+    fold: int,
+    pool: ca.BufferPool,
+) -> PyTree:
+    """The running mean of one chunk, `fold` inputs per pass over memory."""
+    mean = None
+    for start in range(0, len(inputs), fold):
+        group = [read(c) for c in inputs[start : start + fold]]
+        host = all(isinstance(g, _HostChunk) for g in group)
+        # Host chunks are averaged as their flat buffers: one kernel per dtype, not per leaf.
+        trees = [g.flats for g in group] if host else _trees(group)
+        last = start + fold >= len(inputs)
+        mean = mg.running_average_fold(
+            mean, trees, coefficients[start : start + fold], dtype=trees[0] if last else None
+        )
+        if host:  # XLA reads the buffers in place: they are free once the fold is done
+            jax.block_until_ready(mean)
+            del trees
+            pool.give([b for g in group for b in g.buffers])
+    if not host:
+        return mean
+    tree: dict = {}
+    for name, (layout, idx) in group[0].layout.items():
+        # On the CPU the merged buffer is viewed, not copied; the views keep it alive.
+        for i, v in zip(idx, layout.views(np.asarray(mean[name]))):
+            _nested_set(tree, inputs[0].leaves[i][0], v)
+    return tree
+
+
 def _merge_chunk(
     spec: MergeSpec,
-    read: Callable[[Checkpoint], PyTree],
+    read: Callable[[Checkpoint], PyTree | _HostChunk],
     inputs: Sequence[Checkpoint],
     base: Checkpoint | None,
     group_fn: mg.GroupFn | None,
     coefficients: jax.Array | None,
+    fold: int,
+    pool: ca.BufferPool,
 ) -> PyTree:
-    """Merges one chunk, reading the inputs one after another (at most base + 2 chunks live)."""
+    """Merges one chunk, reading the inputs one after another (an average merges `fold` of them
+    per pass)."""
     if spec.method == "average":
-        first = read(inputs[0])
-        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first)
-        # The restored input is ours, so the float32 copy may be updated in place.
-        mean = mg.upcast(first)
-        del first
-        for m in range(1, len(inputs)):
-            mean = mg.running_average_update(mean, read(inputs[m]), coefficients[m], donate=True)
-        return mg.cast_like(mean, like)
+        assert coefficients is not None
+        return _average_chunk(read, inputs, coefficients, fold, pool)
+
+    def read_tree(c: Checkpoint) -> PyTree:
+        return _trees([read(c)])[0]
 
     assert base is not None
     kw = dict(granularity=spec.granularity, group_fn=group_fn, eps=spec.eps)
-    z = read(base)
-    s = read(inputs[0])
+    z = read_tree(base)
+    s = read_tree(inputs[0])
     if len(inputs) == 2:
-        s = mg.slerp(z, s, read(inputs[1]), spec.t, **kw)
+        s = mg.slerp(z, s, read_tree(inputs[1]), spec.t, **kw)
     elif len(inputs) > 2:
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
         for m in range(2, len(inputs) + 1):
             # From m = 3 on, s is our own float32 buffer: let each step overwrite it.
-            s = mg.slerp_many_step(z, s, read(inputs[m - 1]), m, donate=m > 2, **kw)
+            s = mg.slerp_many_step(z, s, read_tree(inputs[m - 1]), m, donate=m > 2, **kw)
         s = mg.cast_like(s, like)
     if spec.method == "slerp":
         return s
@@ -442,9 +601,12 @@ def merge_streaming(
     shardings: PyTree | None = None,
     chunk_mb: float | None = None,
     progress: bool | None = None,
+    on_chunk: Callable[[PyTree], None] | None = None,
 ) -> PyTree:
-    """Merges checkpoints chunk by chunk and returns the merged tree (in memory, as jax.Arrays
-    with `shardings`, by default on the first local device)."""
+    """Merges checkpoints chunk by chunk and returns the merged tree in memory: jax.Arrays with
+    `shardings` if given (or with several processes), otherwise host arrays (numpy arrays, or
+    jax.Arrays on the first local device). `on_chunk` is called with each merged chunk (a tree
+    of some of the leaves) as soon as it is complete, while the next chunk is being read."""
     from tqdm.auto import tqdm
 
     everyone = [*([base] if base is not None else []), *inputs]
@@ -472,11 +634,18 @@ def merge_streaming(
     )
     # Partial restores address leaves by dict keys; other containers are read whole.
     partial = _all_dict_keys(shapes)
+    reader = _Reader(flat_shardings)
+    reader.host = partial and all(reader.reads_host(c) for c in everyone)
+    itemsize = max(s.dtype.itemsize for s in leaves)
+    if chunk_mb is None:
+        chunk_mb = default_chunk_mb(spec.method, len(inputs), itemsize, reader.host)
     chunks = (
-        plan_chunks(paths, leaves, groups, int((chunk_mb or DEFAULT_CHUNK_MB[spec.method]) * 2**20))
+        plan_chunks(paths, leaves, groups, int(chunk_mb * 2**20))
         if partial
         else [list(range(len(leaves)))]
     )
+    chunk_params = [sum(int(np.prod(leaves[i].shape)) for i in c) for c in chunks]
+    folds = fold_sizes(chunk_params, chunk_mb, len(inputs), itemsize, reader.host)
     coefficients = (
         mg.running_average_coefficients(spec.weights, len(inputs))
         if spec.method == "average"
@@ -485,7 +654,7 @@ def merge_streaming(
     # Orbax restores from a helper thread are fine in one process; with several processes keep
     # every collective call on the main thread.
     jobs = [(c, chunk) for chunk in chunks for c in everyone]
-    reads = _Prefetcher(_Reader(flat_shardings), jobs, partial, jax.process_count() == 1)
+    reads = _Prefetcher(reader, jobs, partial, read_ahead(reader.host))
     merged: dict = {}
     bar = tqdm(
         total=len(chunks) * len(everyone),
@@ -501,8 +670,10 @@ def merge_streaming(
         return out
 
     try:
-        for _ in chunks:
-            out = _merge_chunk(spec, read, inputs, base, group_fn, coefficients)
+        for fold in folds:
+            out = _merge_chunk(spec, read, inputs, base, group_fn, coefficients, fold, reader.pool)
+            if on_chunk is not None:
+                on_chunk(out)
             if not partial:
                 return out
             for p, x in zip(mg.leaf_paths(out), jax.tree.leaves(out)):
@@ -561,6 +732,7 @@ def merge_checkpoints(
         if out_abs in (c.params_dir, *c.params_dir.parents[:3]):
             raise UserError(f"output {output} would overwrite {c.label}; choose another path")
 
+    fingerprints: dict[str, str] = {}
     params = merge_streaming(
         spec,
         ckpts,
@@ -569,6 +741,8 @@ def merge_checkpoints(
         shardings=shardings,
         chunk_mb=chunk_mb,
         progress=progress,
+        # The main thread mostly waits for reads: fingerprint each chunk then, not at the end.
+        on_chunk=lambda tree: fingerprints.update(ck.fingerprints(tree)),
     )
 
     def describe(c: Checkpoint) -> dict:
@@ -600,7 +774,7 @@ def merge_checkpoints(
     metadata["merge"] = record
     metadata = json.loads(json.dumps(metadata, default=str))
     # With several processes each writes its own shards; process 0 the rest (see save_params).
-    return ck.save_params(output, params, metadata)
+    return ck.save_params(output, params, metadata, known_fingerprints=fingerprints)
 
 
 def _orbax_version() -> str:
@@ -645,8 +819,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk_mb",
         type=float,
         default=None,
-        help="float32 MB of parameters per chunk: memory vs number of reads "
-        f"(default {DEFAULT_CHUNK_MB})",
+        help="float32 MB of parameters per chunk: memory vs number of reads (default: "
+        f"{DEFAULT_CHUNK_MB} for SLERP/LITI; for average, sized to keep ~{AVERAGE_WORKING_SET_MB} "
+        f"MB of inputs and accumulators in memory, merging up to {FOLD_MAX} inputs per pass)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -126,10 +126,18 @@ def _host_fingerprint(x: np.ndarray, width: int = _HOST_WIDTH) -> int:
     return total & 0xFFFFFFFF
 
 
+def _on_host(x: Any) -> bool:
+    """Numpy arrays, and jax.Arrays on one CPU device (numpy views them without a copy)."""
+    if not isinstance(x, jax.Array):
+        return True
+    devices = x.sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
 def _fingerprint_values(leaves: list[Any]) -> list[str]:
+    # On the host, numpy's reductions beat XLA:CPU's (which also traces a program per shape).
     values = [
-        _device_fingerprint(x) if isinstance(x, jax.Array) else _host_fingerprint(np.asarray(x))
-        for x in leaves
+        _host_fingerprint(np.asarray(x)) if _on_host(x) else _device_fingerprint(x) for x in leaves
     ]
     values = jax.device_get(values)
     return [f"{int(v):08x}:{_dtype_name(x)}" for v, x in zip(values, leaves)]
@@ -498,13 +506,15 @@ def save_params(
     metadata: Mapping | None = None,
     *,
     compress: bool = False,
+    known_fingerprints: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes a params checkpoint; nothing appears at `directory` until it is complete, and an
     existing checkpoint there stays whole until the new one replaces it.
 
     Arrays are stored uncompressed unless `compress` (see the module's docstring). With several
     JAX processes every process must call this with the same arguments: each writes its own
-    shards, and process 0 alone writes the side files and renames the result into place."""
+    shards, and process 0 alone writes the side files and renames the result into place.
+    `known_fingerprints`: `fingerprints(params)`, if the caller already has them."""
     final = Path(directory).absolute()
     primary = jax.process_index() == 0
     multi = jax.process_count() > 1
@@ -512,10 +522,12 @@ def save_params(
     ckptr = _params_checkpointer(compress)
     try:
         ckptr.save(tmp / PARAMS_ITEM, args=ocp.args.PyTreeSave(params))
-        fps = fingerprints(params)  # while Orbax writes; a collective for sharded arrays
+        fps = known_fingerprints
+        if fps is None:
+            fps = fingerprints(params)  # while Orbax writes; a collective for sharded arrays
         ckptr.wait_until_finished()
         if primary:
-            (tmp / PARAMS_ITEM / FINGERPRINTS_FILE).write_text(json.dumps(fps))
+            (tmp / PARAMS_ITEM / FINGERPRINTS_FILE).write_text(json.dumps(dict(fps)))
             shapes = _shapes_record(params)
             if shapes is not None:
                 (tmp / PARAMS_ITEM / SHAPES_FILE).write_text(json.dumps(shapes))
