@@ -478,11 +478,31 @@ def commit_directory(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@functools.cache
+def _params_type_handlers() -> Any:
+    """Orbax's type handlers, except that numpy arrays are written without a private copy:
+    Orbax copies them in case the caller changes them during an asynchronous save, and
+    `save_params` returns only once its save is done (a merged SmolLM2-135M: 0.2 s and 270 MB)."""
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(
+        *[
+            (ty, th.NumpyHandler(deepcopy_host_arrays=False))
+            if ty is np.ndarray
+            else (ty, th.get_type_handler(ty))
+            for ty in th.supported_types()
+        ]
+    )
+
+
 def _params_checkpointer(compress: bool) -> ocp.AsyncCheckpointer:
     """The Orbax checkpointer of params checkpoints. Orbax's StandardCheckpointer always
     compresses (zstd); the PyTree handler under it takes `use_compression`, and writes the same
     layout (StandardCheckpointer restores it)."""
-    return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
+    return ocp.AsyncCheckpointer(
+        ocp.PyTreeCheckpointHandler(
+            use_compression=compress, type_handler_registry=_params_type_handlers()
+        )
+    )
 
 
 def _shared_temporary_directory(final: Path) -> Path:
