@@ -140,7 +140,8 @@ def test_fold_sizes_keep_the_working_set_of_oversized_chunks():
     array) merges fewer per pass, so that its working set stays within the budget."""
     mb = 2**20 / 4  # parameters in a float32 MB
     # bfloat16, M = 8, two reads ahead: (8 + 2 + 1) * 2 = 22 bytes per parameter at the full fold.
-    assert mc.default_chunk_mb("average", 8, 2, host=True) == pytest.approx(512 * 4 / 22)
+    ws = mc.AVERAGE_WORKING_SET_MB
+    assert mc.default_chunk_mb("average", 8, 2, host=True) == pytest.approx(ws * 4 / 22)
     assert mc.default_chunk_mb("slerp", 8, 2) == mc.DEFAULT_CHUNK_MB["slerp"]
     # A chunk of n parameters merged k < 8 per pass holds (k + 2 + 1) * 2 + 4 bytes each; the
     # budget of a 100 MB chunk is 100 * 22: 110 MB -> 2k + 10 <= 20 -> k = 5; 150 MB -> k = 2.
