@@ -36,6 +36,28 @@ def test_kv_cache_decoding_equals_full_forward(params):
     assert int(cache["index"]) == 12
 
 
+def test_tied_logits_of_few_and_many_rows_agree(params):
+    """Up to FEW_ROWS token rows the tied head multiplies with the table as the left operand
+    (decoding); more rows use h @ tableᵀ. Both are the same logits, and the cache path's
+    logits match a full pass that takes the other branch."""
+    assert CFG.tie_embeddings
+    n = tm.FEW_ROWS + 6
+    h = jax.random.normal(jax.random.PRNGKey(3), (2, n, CFG.d_model))
+    model = tm.Transformer(CFG)
+    many = model.apply(params, h, method=tm.Transformer.logits)
+    few = model.apply(params, h[:, :1], method=tm.Transformer.logits)
+    table = params["params"]["embed"]["embedding"]
+    np.testing.assert_allclose(many, np.einsum("btd,vd->btv", h, table), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(few, many[:, :1], atol=1e-5, rtol=1e-5)
+    toks = _tokens(2, n // 2 + 1)  # over FEW_ROWS rows: the full pass takes the other branch
+    full = tm.apply(params, CFG, toks)
+    cache = tm.init_cache(CFG, 2, toks.shape[1])
+    _, cache = tm.apply(params, CFG, toks[:, :-1], cache=cache)
+    pos = jnp.full((2, 1), toks.shape[1] - 1, jnp.int32)
+    last, _ = tm.apply(params, CFG, toks[:, -1:], positions=pos, cache=cache)
+    chex.assert_trees_all_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_left_padded_prompts_decode_like_unpadded(params):
     # Row 0 is left-padded by 3; its positions start at 0 at the first real token.
     toks = _tokens(1, 6)

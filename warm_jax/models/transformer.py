@@ -16,6 +16,7 @@ independent of slots, so left-padded prompts and packed documents both rotate co
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -172,6 +173,9 @@ def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array, k_slots
 # score tensors (and their gradients), which dominate a CPU training step at small head_dim,
 # shrink to about (n+1)/2n of their size with n blocks. 0 scores all T×T at once.
 QUERY_BLOCK = 64
+# Up to this many token rows (decoding steps), tied-embedding logits keep the table as the left
+# operand (see `Transformer.logits`); beyond, the [rows, V] result is the bigger transpose.
+FEW_ROWS = 64
 
 
 def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dt: Any) -> Array:
@@ -262,8 +266,11 @@ class Attention(nn.Module):
         q = q.reshape(b, t, c.n_kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
         k, v = (a.astype(dt).transpose(0, 2, 1, 3) for a in (k_all, v_all))
         out = _softmax_attend(q, k, v, mask, dt)  # [B, kv, G, T, H]
-        out = jnp.einsum("bkgth,kghd->btd", out, wo.reshape(c.n_kv_heads, groups, hd, c.d_model))
-        return out, {"k": k_all, "v": v_all}
+        # Moving the (small) activations to [B, T, heads·H] keeps `wo` in its stored layout; an
+        # einsum against wo reshaped to [kv, G, H, D] made XLA:CPU copy the weight to another
+        # layout on every call, i.e. on every decoded token.
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * hd)
+        return linear(out, wo.reshape(c.n_heads * hd, c.d_model)), {"k": k_all, "v": v_all}
 
 
 class MLP(nn.Module):
@@ -386,7 +393,14 @@ class Transformer(nn.Module):
 
     def logits(self, h: Array) -> Array:
         if self.config.tie_embeddings:
-            w = self.embed.embedding.astype(h.dtype).T
+            table = self.embed.embedding.astype(h.dtype)  # [V, D]
+            if math.prod(h.shape[:-1]) <= FEW_ROWS:
+                # A few rows (decoding): the table as the left operand, in its stored layout.
+                # h @ tableᵀ makes XLA:CPU transpose the whole table first, on every decoded
+                # token (113 MB for SmolLM2-135M: a quarter of a token's time at batch 1).
+                out = jax.lax.dot_general(table, h, (((1,), (h.ndim - 1,)), ((), ())))
+                return jnp.moveaxis(out, 0, -1).astype(jnp.float32)
+            w = table.T
         else:
             w = self.lm_head.astype(h.dtype)
         return linear(h, w).astype(jnp.float32)
