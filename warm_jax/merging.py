@@ -501,10 +501,11 @@ def average(
     names = [f"trees[{i}]" for i in range(len(trees))]
     leaves, treedef = _prepare(trees, names)
     coefs = running_average_coefficients(weights, len(trees))
-    mean = [_upcast_leaf(x) for x in leaves[0]]
-    for m in range(1, len(trees)):
-        mean = [_mean_update_jit(acc, x, coefs[m]) for acc, x in zip(mean, leaves[m])]
-    out = [_cast_leaf(acc, str(_dtype(x))) for acc, x in zip(mean, leaves[0])]
+    # The streaming merges' kernel: all inputs of a leaf in one pass (see running_average_fold).
+    out = [
+        _mean_fold_start(tuple(column), coefs, dtype=str(_dtype(column[0])))
+        for column in zip(*leaves)
+    ]
     return jax.tree.unflatten(treedef, out)
 
 

@@ -349,14 +349,15 @@ class _Reader:
     ) -> _HostChunk:
         tree: dict = {}
         flats, buffers = {}, []
-        for name, (layout, idx) in self._layout(ckpt, indices).items():
+        chunk_layout = self._layout(ckpt, indices)
+        for name, (layout, idx) in chunk_layout.items():
             buffers.append(self.pool.take(layout.nbytes))
             flats[name] = layout.empty(buffers[-1])
             views = layout.views(flats[name])
             files.read_into([list(ckpt.leaves[i][0]) for i in idx], views)
             for i, v in zip(idx, views):
                 _nested_set(tree, ckpt.leaves[i][0], v)
-        return _HostChunk(tree, flats, self._layout(ckpt, indices), buffers)
+        return _HostChunk(tree, flats, chunk_layout, buffers)
 
     def read(self, ckpt: Checkpoint, indices: Sequence[int], partial: bool) -> PyTree | _HostChunk:
         files = self._array_files(ckpt) if partial else None
@@ -549,7 +550,6 @@ def _average_chunk(
         )
         if host:  # XLA reads the buffers in place: they are free once the fold is done
             jax.block_until_ready(mean)
-            del trees
             pool.give([b for g in group for b in g.buffers])
     if not host:
         return mean

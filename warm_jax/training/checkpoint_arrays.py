@@ -53,10 +53,10 @@ class FlatLayout:
         self.dtype = np.dtype(dtype)
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         step = max(1, ALIGNMENT // self.dtype.itemsize)
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.offsets, end = [], 0
-        for s in self.shapes:
+        for n in self.sizes:
             self.offsets.append(end)
-            n = int(np.prod(s, dtype=np.int64))
             end += -(-n // step) * step
         self.size = end
 
@@ -70,16 +70,14 @@ class FlatLayout:
         if raw is None:
             raw = aligned_empty((self.nbytes,), np.uint8)
         flat = raw[: self.nbytes].view(self.dtype)
-        ends = [o + int(np.prod(s, dtype=np.int64)) for o, s in zip(self.offsets, self.shapes)]
-        for end, nxt in zip(ends, [*self.offsets[1:], self.size]):
-            flat[end:nxt] = 0
+        for o, n, nxt in zip(self.offsets, self.sizes, [*self.offsets[1:], self.size]):
+            flat[o + n : nxt] = 0
         return flat
 
     def views(self, flat: np.ndarray) -> list[np.ndarray]:
         """The arrays inside `flat` (views, not copies)."""
         return [
-            flat[o : o + int(np.prod(s, dtype=np.int64))].reshape(s)
-            for o, s in zip(self.offsets, self.shapes)
+            flat[o : o + n].reshape(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)
         ]
 
 
@@ -128,15 +126,12 @@ class ArrayFiles:
         zarr3 = meta.get("use_zarr3") is True
         marker = "/zarr.json" if zarr3 else "/.zarray"
         try:
-            keys = ts.KvStore.open(cls._kvstore(params_dir), context=_context()).result()
-            listed = keys.list().result()
+            store = ts.KvStore.open(cls._kvstore(params_dir), context=_context()).result()
+            listed = store.list().result()
         except Exception:  # TensorStore raises ValueError/OSError variants on damaged stores.
             return None
-        names = {
-            k.decode(errors="replace")[: -len(marker)]
-            for k in listed
-            if k.decode(errors="replace").endswith(marker)
-        }
+        keys = [k.decode(errors="replace") for k in listed]
+        names = {k[: -len(marker)] for k in keys if k.endswith(marker)}
         return cls(params_dir, "zarr3" if zarr3 else "zarr", names)
 
     @staticmethod
