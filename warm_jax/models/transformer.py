@@ -178,10 +178,15 @@ QUERY_BLOCK = 64
 FEW_ROWS = 64
 
 
-def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dt: Any) -> Array:
-    """softmax(q·kᵀ/√h + mask)·v for q [B, kv, G, T, H], k and v [B, kv, S, H], mask
-    broadcastable to [B, kv, G, T, S]; scores and softmax in float32."""
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+def _softmax_attend(
+    q: Array, k: Array, v: Array, mask: Array, dt: Any, keys_transposed: bool = False
+) -> Array:
+    """softmax(q·kᵀ/√h + mask)·v for q [B, kv, G, T, H], k and v [B, kv, S, H] (k [B, kv, H, S]
+    if `keys_transposed`), mask broadcastable to [B, kv, G, T, S]; scores and softmax in
+    float32."""
+    k_spec = "bkhs" if keys_transposed else "bksh"
+    scores = jnp.einsum(f"bkgth,{k_spec}->bkgts", q, k).astype(jnp.float32)
+    scores = scores * (q.shape[-1] ** -0.5)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return jnp.einsum("bkgts,bksh->bkgth", probs, v)
@@ -252,20 +257,27 @@ class Attention(nn.Module):
             out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * hd)
             return linear(out, wo.reshape(c.n_heads * hd, c.d_model)), None
 
-        # Incremental decoding: the cache keeps [B, S, kv, H] rows, written at cache_index.
+        # Incremental decoding. The cache keeps keys as [B, kv, H, S] and values as
+        # [B, kv, S, H], the layouts the two attention dots read: with [B, S, kv, H] rows,
+        # XLA:CPU transposed every layer's whole cache on every decoded token (a quarter of a
+        # batch-64 decode step of the tiny model).
         q = rope(jnp.einsum("btd,dnh->btnh", x, wq), positions, c.rope_base)
         k = rope(jnp.einsum("btd,dnh->btnh", x, wk), positions, c.rope_base)
         v = jnp.einsum("btd,dnh->btnh", x, wv)
         zero = jnp.zeros((), jnp.int32)
         k_all = jax.lax.dynamic_update_slice(
-            kv_cache["k"], k.astype(kv_cache["k"].dtype), (zero, cache_index, zero, zero)
+            kv_cache["k"],
+            k.transpose(0, 2, 3, 1).astype(kv_cache["k"].dtype),
+            (zero, zero, zero, cache_index),
         )
         v_all = jax.lax.dynamic_update_slice(
-            kv_cache["v"], v.astype(kv_cache["v"].dtype), (zero, cache_index, zero, zero)
+            kv_cache["v"],
+            v.transpose(0, 2, 1, 3).astype(kv_cache["v"].dtype),
+            (zero, zero, cache_index, zero),
         )
         q = q.reshape(b, t, c.n_kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
-        k, v = (a.astype(dt).transpose(0, 2, 1, 3) for a in (k_all, v_all))
-        out = _softmax_attend(q, k, v, mask, dt)  # [B, kv, G, T, H]
+        k, v = k_all.astype(dt), v_all.astype(dt)
+        out = _softmax_attend(q, k, v, mask, dt, keys_transposed=True)  # [B, kv, G, T, H]
         # Moving the (small) activations to [B, T, heads·H] keeps `wo` in its stored layout; an
         # einsum against wo reshaped to [kv, G, H, D] made XLA:CPU copy the weight to another
         # layout on every call, i.e. on every decoded token.
@@ -434,14 +446,18 @@ class Transformer(nn.Module):
 
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> PyTree:
-    """An empty KV cache: per-layer K/V buffers [B, S, n_kv_heads, head_dim], slot segments."""
+    """An empty KV cache: per layer, keys [B, n_kv_heads, head_dim, S] and values
+    [B, n_kv_heads, S, head_dim] (see `Attention`); the segment id of every slot."""
     dtype = dtype or config.compute_dtype
-    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    kv, hd = config.n_kv_heads, config.head_dim
     return {
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
         "layers": [
-            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            {
+                "k": jnp.zeros((batch, kv, hd, max_len), dtype),
+                "v": jnp.zeros((batch, kv, max_len, hd), dtype),
+            }
             for _ in range(config.n_layers)
         ],
     }
