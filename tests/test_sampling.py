@@ -106,6 +106,19 @@ def test_sampled_frequencies_follow_the_renormalised_nucleus():
     np.testing.assert_allclose(logp, np.log(probs)[np.asarray(tokens)], rtol=1e-5)
 
 
+def test_first_argmax_and_token_draws_equal_jax_argmax_and_categorical():
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (16, 300))
+    ties = jnp.round(logits)  # many equal maxima: the first one wins
+    nans = logits.at[2, 7].set(jnp.nan).at[2, 9].set(jnp.nan).at[5, 0].set(jnp.nan)
+    for x in (logits, ties, nans, -jnp.inf * jnp.ones((2, 5))):
+        np.testing.assert_array_equal(sp.first_argmax(x), jnp.argmax(x, axis=-1))
+    cfg = sp.SamplingConfig(max_new_tokens=1, temperature=0.7)
+    draw = jax.jit(lambda k: sp.choose_tokens(logits, k, cfg)[0])
+    for seed in range(10):
+        key = jax.random.PRNGKey(seed)
+        np.testing.assert_array_equal(draw(key), jax.random.categorical(key, logits / 0.7, axis=-1))
+
+
 @pytest.fixture(scope="module")
 def greedy_ref(params):
     return _greedy_by_full_forward(params, PROMPTS, N)
