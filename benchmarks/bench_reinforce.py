@@ -22,7 +22,7 @@ OPT = {"learning_rate": 1e-6, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": 1
 def reinforce_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     plen, n, k, bsz = args.prompt_len, args.new_tokens, args.samples, args.prompts
     base = C.shape_config(shape)
-    cfg = C.shape_config(shape, max_len=max(plen + n, base.max_len))
+    cfg = C.shape_config(shape, max_len=max(plen + n, base.max_len), dtype=args.dtype)
     key = jax.random.PRNGKey(args.seed)
     policy = tm.init_params(cfg, key)
     rm = bench_train.with_random_head(
@@ -117,7 +117,7 @@ def reinforce_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
             "rl": RL,
             "optimizer": {**OPT, "weight_decay": 0.0, "schedule": "constant"},
             "reward_model": "same shape as the policy, its own random init and head",
-            "dtype": "float32",
+            "dtype": args.dtype,
         },
         "ours": C.side_summary(
             runs["ours"],
@@ -155,6 +155,6 @@ def prompt_arrays(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def describe(name: str) -> dict:
     return {
         "description": "One KL-regularised REINFORCE step (k samples per prompt, reward model, "
-        "RLOO, EMA anchor), fp32, steps/s: warm_jax's jitted step vs the same step in "
+        "RLOO, EMA anchor), fp32 (or --dtype), steps/s: warm_jax's jitted step vs the same step in "
         "PyTorch/transformers",
     }

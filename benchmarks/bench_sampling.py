@@ -19,7 +19,7 @@ from warm_jax.policy import sampling
 def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
     plen, n = args.prompt_len, args.new_tokens
     base = C.shape_config(shape)
-    cfg = C.shape_config(shape, max_len=max(plen + n, base.max_len))
+    cfg = C.shape_config(shape, max_len=max(plen + n, base.max_len), dtype=args.dtype)
     params = tm.init_params(cfg, jax.random.PRNGKey(args.seed))
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(1, cfg.vocab_size, (max(args.batches), plen), dtype=np.int32)
@@ -32,7 +32,7 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
 
     # The memory-bandwidth bound of batch 1: every new token reads all weights once.
     n_params = C.total_params(cfg)
-    weight_bytes = 4 * n_params
+    weight_bytes = C.dtype_bytes(args.dtype) * n_params
     bw = bench_train.bandwidth_repeats(peer, 2)
     bound = bw["bandwidth_gbs"] * 1e9 / weight_bytes
 
@@ -88,7 +88,8 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
                 "workload": {
                     "prompt_len": plen,
                     "new_tokens": n,
-                    "decoding": "greedy, no EOS, fp32, KV cache",
+                    "decoding": f"greedy, no EOS, {args.dtype}, KV cache",
+                    "dtype": args.dtype,
                     "value": "new tokens per second (calls × batch × new tokens / wall time of "
                     "the generate calls, prefill included)",
                     "calls_per_repeat": dict(calls),
@@ -122,8 +123,8 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
                     "weight_bytes": weight_bytes,
                     "bandwidth": bw,
                     "bound_tokens_per_s": bound,
-                    "formula": "bandwidth_GB/s · 1e9 / (4 bytes · parameters incl. the tied "
-                    "embedding once)",
+                    "formula": "bandwidth_GB/s · 1e9 / (bytes per weight · parameters incl. "
+                    "the tied embedding once)",
                     "note": "weights that fit in the CPU caches (tiny, small) are not bounded "
                     "by DRAM bandwidth",
                 }
@@ -138,6 +139,7 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
 
 def describe(name: str) -> dict:
     return {
-        "description": "Generation throughput (new tokens/s), greedy, fixed length, fp32: "
+        "description": "Generation throughput (new tokens/s), greedy, fixed length, fp32 "
+        "(or --dtype): "
         "warm_jax.policy.sampling.sample vs transformers generate, same weights and prompts",
     }

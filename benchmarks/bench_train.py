@@ -50,7 +50,8 @@ def with_random_head(params, cfg, seed: int):
     first-step losses of both sides a real check that they compute the same function."""
     head = dict(params["params"]["reward_head"])
     key = jax.random.PRNGKey(seed + 1)
-    head["kernel"] = jax.random.normal(key, head["kernel"].shape) * cfg.d_model**-0.5
+    kernel = jax.random.normal(key, head["kernel"].shape) * cfg.d_model**-0.5
+    head["kernel"] = kernel.astype(head["kernel"].dtype)
     return {"params": {**params["params"], "reward_head": head}}
 
 
@@ -119,15 +120,15 @@ def fresh_state(params, tx, seed: int = 1) -> dict:
 # matmul_peak
 
 
-def peak_repeats(peer: C.Peer | None, repeats: int, n: int) -> dict:
-    sides = {"jax": lambda: C.jax_matmul_gflops(n)}
+def peak_repeats(peer: C.Peer | None, repeats: int, n: int, dtype: str = "float32") -> dict:
+    sides = {"jax": lambda: C.jax_matmul_gflops(n, dtype=dtype)}
     if peer is not None:
-        sides["torch"] = lambda: peer.call("matmul", n=n)
+        sides["torch"] = lambda: peer.call("matmul", n=n, dtype=dtype)
     runs = C.interleave(repeats, sides)
     out = {k: C.side_summary(v, "GFLOP/s") for k, v in runs.items()}
     out["peak_gflops"] = max(s["median"] for s in out.values())
     out["definition"] = (
-        f"median over {repeats} repeats of 3 fp32 [{n},{n}]@[{n},{n}] products (2n³ FLOPs "
+        f"median over {repeats} repeats of 3 {dtype} [{n},{n}]@[{n},{n}] products (2n³ FLOPs "
         "each); the machine peak is the larger of the two frameworks' medians"
     )
     return out
@@ -180,7 +181,7 @@ def matmul_variant_repeats(peer: C.Peer | None, repeats: int, n: int) -> dict:
 
 
 def matmul_peak_case(peer: C.Peer, args) -> dict:
-    peak = peak_repeats(peer, args.repeats, args.n)
+    peak = peak_repeats(peer, args.repeats, args.n, args.dtype)
     bw = bandwidth_repeats(peer, args.repeats)
     ratio = C.paired_ratio(peak["jax"]["repeats"], peak["torch"]["repeats"])
     return {
@@ -202,7 +203,7 @@ def matmul_peak_case(peer: C.Peer, args) -> dict:
 def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     seq_len, pairs, steps = args.seq_len, args.pairs[shape], args.steps[shape]
     base = C.shape_config(shape)
-    cfg = C.shape_config(shape, max_len=max(seq_len, base.max_len))
+    cfg = C.shape_config(shape, max_len=max(seq_len, base.max_len), dtype=args.dtype)
     n_batches = steps + args.warmup_steps
     chosen, rejected = random_pairs(cfg, n_batches, pairs, seq_len, args.seed)
     params = with_random_head(tm.init_params(cfg, jax.random.PRNGKey(args.seed)), cfg, args.seed)
@@ -243,9 +244,9 @@ def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     def theirs() -> dict:
         return peer.call("run", steps=steps)
 
-    peak = peak_repeats(peer, args.peak_repeats, args.n)
+    peak = peak_repeats(peer, args.peak_repeats, args.n, args.dtype)
     runs = C.interleave(args.repeats, {"ours": ours, "peer": theirs})
-    peak_end = peak_repeats(peer, args.peak_repeats, args.n)
+    peak_end = peak_repeats(peer, args.peak_repeats, args.n, args.dtype)
     peak_gflops = max(peak["peak_gflops"], peak_end["peak_gflops"])
 
     flops_token = C.train_flops_per_token(cfg, seq_len)
@@ -264,7 +265,7 @@ def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
             "steps_per_repeat": steps,
             "warmup_steps": args.warmup_steps,
             "optimizer": {**OPT, "weight_decay": 0.0, "schedule": "constant"},
-            "dtype": "float32",
+            "dtype": args.dtype,
         },
         "ours": C.side_summary(
             runs["ours"],
@@ -408,7 +409,7 @@ def describe(name: str) -> dict[str, Any]:
     return {
         "rm_train": {
             "description": "Reward-model training throughput (pairs/s), Bradley–Terry loss, "
-            "fp32: warm_jax's jitted train step vs transformers LlamaForSequenceClassification "
+            "fp32 (or --dtype): warm_jax's jitted train step vs transformers LlamaForSequenceClassification "
             "+ torch AdamW in a plain loop, same shapes, initial weights and batches",
         },
         "members": {

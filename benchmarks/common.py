@@ -46,8 +46,18 @@ def log(*args: Any) -> None:
 # Model shapes
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2}[dtype]
+
+
 def shape_config(shape: str, **overrides: Any):
-    """Our `TransformerConfig` of `gin/models/<shape>.gin`, with `overrides` (e.g. max_len)."""
+    """Our `TransformerConfig` of `gin/models/<shape>.gin`, with `overrides` (e.g. max_len;
+    `dtype` sets both the compute and the parameter dtype, as the peer holds its model)."""
+    if "dtype" in overrides:
+        overrides.setdefault("param_dtype", overrides["dtype"])
     import gin
 
     from warm_jax import config as wcfg
@@ -102,7 +112,15 @@ class PeerError(RuntimeError):
 class Peer:
     """A peer script under `python`; `call(op, **kw)` sends one request and returns the reply."""
 
-    def __init__(self, python: str, script: str, workdir: Path, threads: int | None = None):
+    def __init__(
+        self,
+        python: str,
+        script: str,
+        workdir: Path,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"{Path(script).stem}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
@@ -116,6 +134,7 @@ class Peer:
         )
         if threads:
             env["BENCH_TORCH_THREADS"] = str(threads)
+        env["BENCH_TORCH_DEVICE"], env["BENCH_DTYPE"] = device, dtype
         self.cmd = [python, str(PEERS / script)]
         self.proc = subprocess.Popen(
             self.cmd,

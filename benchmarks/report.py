@@ -22,13 +22,18 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def load(name: str, suffix: str = "") -> dict | None:
-    p = RESULTS / f"{name}{suffix}.json"
+def load(name: str, suffix: str = "", prefix: str = "") -> dict | None:
+    p = RESULTS / f"{prefix}{name}{suffix}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def notes(name: str, c: dict) -> str:
     out = []
+    env = c.get("environment", {})
+    on_cpu = env.get("jax_backend", "cpu") == "cpu"
+    dtype = (c.get("workload") or {}).get("dtype")
+    if dtype and dtype != "float32":
+        out.append(dtype)
     if name == "rm_train":
         f = c["flops"]
         out.append(
@@ -47,7 +52,7 @@ def notes(name: str, c: dict) -> str:
         if "bound_fraction" in c:
             bb = c["bandwidth_bound"]
             out.append(
-                f"DRAM bound {bb['bound_tokens_per_s']:.0f} tok/s "
+                f"{'DRAM' if on_cpu else 'HBM'} bound {bb['bound_tokens_per_s']:.0f} tok/s "
                 f"({100 * c['bound_fraction']:.0f}% reached)"
             )
         out.append(f"compile {c['ours']['compile_seconds']:.0f} s")
@@ -64,9 +69,11 @@ def notes(name: str, c: dict) -> str:
         rates = [f"{k} {v['median']:.0f}" for k, v in variants.items() if isinstance(v, dict)]
         if rates:
             out.append("GFLOP/s " + ", ".join(rates))
-    cpu = c.get("environment", {}).get("cpu", "")
+    cpu = env.get("cpu", "")
     if cpu or c.get("finished_at"):
         host = next((name for name in ("EPYC", "Xeon") if name in cpu), cpu or "?")
+        if not on_cpu:
+            host = env.get("peer", {}).get("device_name") or env.get("device", "?")
         out.append(f"{host}, {c.get('finished_at', '?')[:10]}")
     return "; ".join(out)
 
@@ -95,14 +102,14 @@ def target(name: str, c: dict) -> str:
     return s
 
 
-def rows(suffix: str = "", merge: bool = True) -> list[str]:
+def rows(suffix: str = "", merge: bool = True, prefix: str = "") -> list[str]:
     out = [
         "| comparison | case | ours | peer | unit | ours/peer | target | met? | load 1-min "
         "(start→end) | notes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ORDER:
-        d = load(name, suffix)
+        d = load(name, suffix, prefix)
         if d is None:
             continue
         for c in d["cases"]:
@@ -150,10 +157,10 @@ def merge_load(m: dict, r: dict) -> str:
     return f"{before:.1f}→{after:.1f}"
 
 
-def commands(suffix: str = "") -> list[str]:
+def commands(suffix: str = "", prefix: str = "") -> list[str]:
     out = []
     for name in ORDER:
-        d = load(name, suffix)
+        d = load(name, suffix, prefix)
         if d is None:
             continue
         seen = []
@@ -172,4 +179,8 @@ if __name__ == "__main__":
     print("\n".join(rows("_peer_threads1", merge=False)))
     print()
     print("\n".join(commands("_peer_threads1")))
+    # benchmarks/accelerator.sh writes DEVICE_NAME.json (item 6 of the issue).
+    for device in sorted({p.name.split("_", 1)[0] for p in RESULTS.glob("cuda_*.json")}):
+        print(f"\n## on {device} (benchmarks/accelerator.sh)\n")
+        print("\n".join(rows(merge=False, prefix=f"{device}_")))
     sys.exit(0)

@@ -35,11 +35,11 @@ NAMES = {
     "merge": "merge time and peak memory, `warm-jax merge` vs mergekit, SmolLM2-135M-shaped "
     "weights (delegates to benchmarks/merge_bench.py; needs --benchvenv with mergekit). "
     "Options after `merge` are passed to merge_bench.py.",
-    "rm_train": "reward-model training throughput (pairs/s), Bradley–Terry loss, fp32: our "
+    "rm_train": "reward-model training throughput (pairs/s), Bradley–Terry loss, fp32 (or --dtype): our "
     "jitted train step (loop.make_train_step + reward.losses.bt_loss_fn, AdamW + clipping) vs "
     "transformers LlamaForSequenceClassification of the same shape, same initial weights (our "
     "export) and batches, BT loss + torch AdamW in a plain loop. Also the achieved model "
-    "FLOP/s as a fraction of this machine's measured fp32 matmul peak (same run). "
+    "FLOP/s as a fraction of this machine's measured matmul peak in that dtype (same run). "
     "Targets: 135M >= 1.0x and >= 80 percent of peak; tiny/small >= 2x.",
     "members": "M reward-model members trained at once (vmapped, members.train_vmapped's "
     "step) vs one after another (members.train_member's step), member-steps/s, M = 2, 4, 8. "
@@ -57,6 +57,11 @@ NAMES = {
     "and the memory bandwidth, interleaved in one run; beside them the same product with "
     "XLA:CPU's other dot libraries (Eigen, oneDNN) and in bfloat16 on both sides.",
 }
+ACCELERATOR = """
+On an accelerator (the issue's item 6): `--dtype bfloat16 --peer-device cuda` runs both sides
+there in bfloat16 (ours on JAX's default device), with the matmul peak in bfloat16 (`--n 8192`
+for a peak that fills the chip) and each result file named apart with --output; BENCHMARKS.md
+has the commands."""
 
 
 def per_shape(default: dict, cast=int):
@@ -99,11 +104,25 @@ def add_common(p: argparse.ArgumentParser, peer: bool = True, repeats: int = 3) 
             default=None,
             help="torch.set_num_threads in the peer (default: torch's own, one per core)",
         )
+        p.add_argument(
+            "--peer-device",
+            default="cpu",
+            help="torch device of the peer's models and data, e.g. cuda (ours runs on JAX's "
+            "default device: the accelerator where jaxlib has one)",
+        )
+        p.add_argument(
+            "--dtype",
+            choices=C.DTYPES,
+            default="float32",
+            help="weights and compute on both sides (and the matmul peak's dtype); "
+            "bfloat16 is the accelerator setting",
+        )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
+        epilog=ACCELERATOR,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="name", required=True, metavar="NAME")
@@ -239,7 +258,14 @@ def dispatch(args) -> int:
             "sampling": "torch_sampling.py",
             "reinforce": "torch_reinforce.py",
         }[name]
-        peer = C.Peer(args.peer_python, script, args.workdir, args.peer_threads)
+        peer = C.Peer(
+            args.peer_python,
+            script,
+            args.workdir,
+            args.peer_threads,
+            device=args.peer_device,
+            dtype=args.dtype,
+        )
         peer_env = peer.call("env")
         C.log(f"peer: {args.peer_python} {peer_env}")
     try:

@@ -48,13 +48,14 @@ def setup(
 
     torch.manual_seed(seed)
     t = time.perf_counter()
-    policy = LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    dev, dtype = _torch_common.DEVICE, _torch_common.DTYPE
+    policy = LlamaForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(dev)
     policy.train()
     policy.generation_config.eos_token_id = None
     policy.generation_config.pad_token_id = 0
     anchor = copy.deepcopy(policy).eval().requires_grad_(False)
     sft = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32)
+    rm = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=dtype).to(dev)
     rm.eval().requires_grad_(False)
     opt = torch.optim.AdamW(
         policy.parameters(),
@@ -70,7 +71,7 @@ def setup(
         sft=sft,
         rm=rm,
         opt=opt,
-        prompts=torch.from_numpy(np.load(prompts).astype(np.int64)),
+        prompts=torch.from_numpy(np.load(prompts).astype(np.int64)).to(dev),
         k=samples,
         n=new_tokens,
         temp=temperature,
@@ -124,7 +125,7 @@ def _step() -> dict:
             pad_token_id=0,
         )
     assert seq.shape[1] == plen + n
-    mask = torch.zeros(seq.shape[0], seq.shape[1] - 1, dtype=torch.bool)
+    mask = torch.zeros(seq.shape[0], seq.shape[1] - 1, dtype=torch.bool, device=seq.device)
     mask[:, plen - 1 :] = True  # entry t scores token t + 1: the response
 
     logp, ent = _token_logprobs(s["policy"], seq, temp, entropy=True)
@@ -160,7 +161,7 @@ def _step() -> dict:
 
 def run(steps: int) -> dict:
     t = time.perf_counter()
-    metrics = [_step() for _ in range(steps)]
+    metrics = [_step() for _ in range(steps)]  # each step reads its metrics back
     dt = time.perf_counter() - t
     return {"seconds": dt, "steps": steps, "value": steps / dt, "metrics": metrics}
 

@@ -35,12 +35,12 @@ def setup(
     t = time.perf_counter()
     # pad_token_id: how the head finds each row's last real token; no row holds token 0.
     model = LlamaForSequenceClassification.from_pretrained(
-        model_dir, dtype=torch.float32, pad_token_id=0
-    )
+        model_dir, dtype=_torch_common.DTYPE, pad_token_id=0
+    ).to(_torch_common.DEVICE)
     model.train()
     arrays = np.load(data)
-    chosen = torch.from_numpy(arrays["chosen"].astype(np.int64))
-    rejected = torch.from_numpy(arrays["rejected"].astype(np.int64))
+    chosen = torch.from_numpy(arrays["chosen"].astype(np.int64)).to(_torch_common.DEVICE)
+    rejected = torch.from_numpy(arrays["rejected"].astype(np.int64)).to(_torch_common.DEVICE)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=learning_rate,
@@ -68,7 +68,7 @@ def _step() -> float:
     s["i"] += 1
     chosen, rejected = s["chosen"][b], s["rejected"][b]
     n = chosen.shape[0]
-    r = s["model"](input_ids=torch.cat([chosen, rejected])).logits[:, 0]
+    r = s["model"](input_ids=torch.cat([chosen, rejected])).logits[:, 0].float()
     loss = F.softplus(-(r[:n] - r[n:])).mean()
     s["opt"].zero_grad(set_to_none=True)
     loss.backward()
@@ -83,7 +83,7 @@ def run(steps: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
-        losses.append(_step())
+        losses.append(_step())  # reads the loss back: the device has finished the step
         times.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
     return {

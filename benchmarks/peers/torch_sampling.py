@@ -22,12 +22,13 @@ def setup(model_dir: str, prompts: str) -> dict:
     from transformers import LlamaForCausalLM
 
     t = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=_torch_common.DTYPE)
+    model = model.to(_torch_common.DEVICE).eval()
     # No EOS: every row generates exactly max_new_tokens.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    STATE.update(model=model, prompts=torch.from_numpy(np.load(prompts).astype(np.int64)))
+    tokens = torch.from_numpy(np.load(prompts).astype(np.int64))
+    STATE.update(model=model, prompts=tokens.to(_torch_common.DEVICE))
     return {
         "load_seconds": time.perf_counter() - t,
         "attn_implementation": model.config._attn_implementation,
@@ -54,6 +55,7 @@ def _generate(batch: int, new_tokens: int) -> torch.Tensor:
 def warmup(batch: int, new_tokens: int) -> dict:
     t = time.perf_counter()
     tokens = _generate(batch, new_tokens)
+    _torch_common.sync()
     return {"seconds": time.perf_counter() - t, "tokens": tokens.tolist()}
 
 
@@ -61,6 +63,7 @@ def run(batch: int, new_tokens: int, calls: int = 1) -> dict:
     t = time.perf_counter()
     for _ in range(calls):
         _generate(batch, new_tokens)
+    _torch_common.sync()
     dt = time.perf_counter() - t
     return {"seconds": dt, "calls": calls, "value": calls * batch * new_tokens / dt}
 
