@@ -3,6 +3,7 @@
 clean errors for bad settings."""
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -156,6 +157,33 @@ def test_token_logprobs_match_sequence_logprobs_and_entropy():
     np.testing.assert_allclose(logp, ref, atol=1e-6)
     np.testing.assert_allclose(ent[:, 1:][mask[:, 1:]], want[mask[:, 1:]], rtol=1e-5)
     assert mask.sum() == 10 and np.all(ent[~mask] == 0)
+
+
+def test_scoring_from_the_prompt_length_projects_fewer_slots_and_gives_the_same_numbers():
+    params = tm.init_params(TINY1, jax.random.PRNGKey(0))
+    prompt = sampling.left_pad([[1, 5, 9], [1, 7]], bucket=4)
+    plen = prompt["tokens"].shape[1]
+    seq = sampling.sample(
+        params, TINY1, prompt, 0, sampling.SamplingConfig(max_new_tokens=5, temperature=0.9)
+    ).sequences()
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def both(first, p):
+        logp, ent = rf.token_logprobs(p, TINY1, seq, 0.9, True, first=first)
+        ref = sampling.sequence_logprobs(p, TINY1, **seq, temperature=0.9, first=first)
+        grad = jax.grad(lambda q: rf.token_logprobs(q, TINY1, seq, 0.9, first=first)[0].sum())
+        return logp, ent, ref, grad(p)
+
+    full, cut = both(1, params), both(plen, params)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(cut)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.all(np.asarray(cut[0])[:, :plen] == 0) and np.asarray(cut[0]).min() < -1.0
+    logits = sampling.teacher_forced_logits(
+        params, TINY1, seq["tokens"], seq["segment_ids"], seq["positions"], 0.9, first=plen
+    )
+    assert logits.shape == (2, 5, TINY1.vocab_size)  # the response's slots only
+    with pytest.raises(ValueError, match="first=9"):
+        sampling.sequence_logprobs(params, TINY1, **seq, first=9)
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -91,11 +91,12 @@ def setup(
     }
 
 
-def _token_logprobs(model, seq: torch.Tensor, temp: float, entropy: bool = False):
-    """log π_T(seq[t] | seq[<t]) for t >= 1, [B, L-1] (and the entropies of those positions)."""
-    logits = model(input_ids=seq).logits[:, :-1].float() / temp
+def _token_logprobs(model, seq: torch.Tensor, n: int, temp: float, entropy: bool = False):
+    """log π_T of the last `n` tokens of `seq` (the response), [B, n], and their entropies:
+    logits only at the slots that predict them (`logits_to_keep`), as ours projects only those."""
+    logits = model(input_ids=seq, logits_to_keep=n + 1).logits[:, :-1].float() / temp
     logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, seq[:, 1:, None])[..., 0] - logz
+    logp = logits.gather(-1, seq[:, -n:, None])[..., 0] - logz
     if not entropy:
         return logp, None
     with torch.no_grad():
@@ -124,20 +125,17 @@ def _step() -> dict:
             eos_token_id=None,
             pad_token_id=0,
         )
-    assert seq.shape[1] == plen + n
-    mask = torch.zeros(seq.shape[0], seq.shape[1] - 1, dtype=torch.bool, device=seq.device)
-    mask[:, plen - 1 :] = True  # entry t scores token t + 1: the response
+    assert seq.shape[1] == plen + n  # no EOS: every response token is scored
 
-    logp, ent = _token_logprobs(s["policy"], seq, temp, entropy=True)
-    logp = torch.where(mask, logp, 0.0)
+    logp, ent = _token_logprobs(s["policy"], seq, n, temp, entropy=True)
     with torch.no_grad():
-        logp_anchor, _ = _token_logprobs(s["anchor"], seq, temp)
-        logp_sft, _ = _token_logprobs(s["sft"], seq, temp)
+        logp_anchor, _ = _token_logprobs(s["anchor"], seq, n, temp)
+        logp_sft, _ = _token_logprobs(s["sft"], seq, n, temp)
         hidden = s["rm"].model(input_ids=seq).last_hidden_state[:, -1]
         r = s["rm"].score(hidden)[:, 0].float()
         logp_c = logp.detach()
-        kl_anchor = torch.where(mask, logp_c - logp_anchor, 0.0).sum(-1)
-        kl_sft = torch.where(mask, logp_c - logp_sft, 0.0).sum(-1)
+        kl_anchor = (logp_c - logp_anchor).sum(-1)
+        kl_sft = (logp_c - logp_sft).sum(-1)
         r_beta = r - s["beta"] * kl_anchor
         grouped = r_beta.view(-1, k)
         adv = (grouped - (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)).view(-1)
@@ -154,7 +152,7 @@ def _step() -> dict:
         "reward": float(r.mean()),
         "kl_anchor": float(kl_anchor.mean()),
         "kl_sft": float(kl_sft.mean()),
-        "entropy": float(ent[mask].mean()),
+        "entropy": float(ent.mean()),
         "grad_norm": float(grad_norm),
     }
 

@@ -149,23 +149,23 @@ def token_logprobs(
     seq: Mapping[str, Array],
     temperature: float,
     with_entropy: bool = False,
+    first: int = 1,
 ) -> tuple[Array, Array | None]:
     """`sampling.sequence_logprobs` (same numbers) and, from the same forward pass, the entropy
-    H(π_T(·|y_<t)) of every scored position [B, L] (0 where `loss_mask` is False)."""
+    H(π_T(·|y_<t)) of every scored position [B, L] (0 where `loss_mask` is False or before
+    `first`)."""
     tokens = seq["tokens"]
-    logits = tm.apply(
-        params, config, tokens, positions=seq["positions"], segment_ids=seq["segment_ids"]
+    logits = sampling.teacher_forced_logits(
+        params, config, tokens, seq["segment_ids"], seq["positions"], temperature, first
     )
-    logits = logits[:, :-1].astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, tokens[:, first:, None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    pad = jnp.zeros_like(logp[:, :1])
     mask = seq["loss_mask"]
-    logp = jnp.where(mask, jnp.concatenate([pad, logp], axis=1), 0.0)
+    logp = jnp.where(mask, jnp.pad(logp, ((0, 0), (first, 0))), 0.0)
     if not with_entropy:
         return logp, None
     ent = obj.token_entropy(jax.lax.stop_gradient(logits))
-    return logp, jnp.where(mask, jnp.concatenate([pad, ent], axis=1), 0.0)
+    return logp, jnp.where(mask, jnp.pad(ent, ((0, 0), (first, 0))), 0.0)
 
 
 def prompt_values(params: PyTree, config: tm.TransformerConfig, prompt: Mapping[str, Array]):
@@ -191,10 +191,14 @@ def rollout_stats(
     sft_params: PyTree,
     seq: Mapping[str, Array],
     temperature: float,
+    first: int = 1,
 ) -> dict[str, Array]:
-    """Per-sequence KL to SFT (k1) and mean token entropy of responses, without gradient."""
-    logp, ent = token_logprobs(params, config, seq, temperature, with_entropy=True)
-    logp_sft = sampling.sequence_logprobs(sft_params, config, **seq, temperature=temperature)
+    """Per-sequence KL to SFT (k1) and mean token entropy of responses, without gradient
+    (`first`: the prompt length, before which nothing is scored)."""
+    logp, ent = token_logprobs(params, config, seq, temperature, with_entropy=True, first=first)
+    logp_sft = sampling.sequence_logprobs(
+        sft_params, config, **seq, temperature=temperature, first=first
+    )
     mask = seq["loss_mask"]
     n = jnp.maximum(mask.sum(-1), 1)
     return {"kl_sft": obj.sequence_kl(logp, logp_sft, mask), "entropy": ent.sum(-1) / n}
@@ -223,15 +227,20 @@ def make_loss_fn(
         seq = samples.sequences()
         mask = seq["loss_mask"]
 
-        logp, ent = token_logprobs(params, config, seq, temp, with_entropy=True)
+        # Only response tokens are scored: the passes project no prompt slot onto the vocabulary.
+        logp, ent = token_logprobs(params, config, seq, temp, with_entropy=True, first=plen)
         logp_const = jax.lax.stop_gradient(logp)
-        logp_anchor = sampling.sequence_logprobs(aux["anchor"], config, **seq, temperature=temp)
+        logp_anchor = sampling.sequence_logprobs(
+            aux["anchor"], config, **seq, temperature=temp, first=plen
+        )
         kl_anchor = obj.sequence_kl(logp_const, logp_anchor, mask, rl.kl_estimator)
         kl_anchor_k1 = obj.sequence_kl(logp_const, logp_anchor, mask)
         if rl.anchor == "sft":
             kl_sft = kl_anchor_k1
         else:
-            logp_sft = sampling.sequence_logprobs(aux["sft"], config, **seq, temperature=temp)
+            logp_sft = sampling.sequence_logprobs(
+                aux["sft"], config, **seq, temperature=temp, first=plen
+            )
             kl_sft = obj.sequence_kl(logp_const, logp_sft, mask)
 
         r = jax.lax.stop_gradient(reward.fn(aux.get("reward"), seq, plen))
@@ -329,7 +338,7 @@ class Evaluator:
             s = sampling.sample(params, config, prompt, rng, scfg)
             seq = s.sequences()
             plen = prompt["tokens"].shape[1]
-            out = rollout_stats(params, config, sft_params, seq, temp)
+            out = rollout_stats(params, config, sft_params, seq, temp, first=plen)
             for key, r in in_jit:
                 out[key] = r.fn(reward_params[key], seq, plen)
             out["response_length"] = s.lengths.astype(jnp.float32)

@@ -356,6 +356,33 @@ def sample(
 # ----------------------------------------------------------------------------- teacher forcing
 
 
+def teacher_forced_logits(
+    params: PyTree,
+    config: tm.TransformerConfig,
+    tokens: Array,
+    segment_ids: Array,
+    positions: Array,
+    temperature: float | Array = 1.0,
+    first: int = 1,
+) -> Array:
+    """The tempered float32 logits that predict `tokens[:, first:]`, [B, T - first, V]: one
+    forward pass, and the vocabulary projection only at the slots whose next token is scored.
+    RL scores responses only (`first` = the prompt length): projecting the prompt's slots too
+    would cost B·P·V floats of logits and their softmax, in every one of a step's passes."""
+    t = tokens.shape[1]
+    if not 1 <= first < t:
+        raise ValueError(f"first={first}: the first scored token must be in [1, {t})")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (greedy scores at 1.0)")
+    hidden = tm.apply(
+        params, config, tokens, positions=positions, segment_ids=segment_ids, output="hidden"
+    )
+    logits = tm.Transformer(config).apply(
+        params, hidden[:, first - 1 : -1], method=tm.Transformer.logits
+    )
+    return logits.astype(jnp.float32) / temperature
+
+
 def sequence_logprobs(
     params: PyTree,
     config: tm.TransformerConfig,
@@ -364,21 +391,22 @@ def sequence_logprobs(
     positions: Array,
     loss_mask: Array,
     temperature: float | Array = 1.0,
+    first: int = 1,
 ) -> Array:
     """Per-token log π_T(tokens[t] | tokens[<t]) by teacher forcing, [B, T] float32.
 
-    Entry t scores token t (entry 0 and every entry where `loss_mask` is False are 0), with
-    `π_T = softmax(logits / temperature)` over the whole vocabulary. Pure and differentiable:
-    RL recomputes the sampler's log-probabilities under gradient with it. Takes the output of
-    `Samples.sequences()` as keyword arguments.
+    Entry t scores token t (entries before `first` and every entry where `loss_mask` is False
+    are 0), with `π_T = softmax(logits / temperature)` over the whole vocabulary. Pure and
+    differentiable: RL recomputes the sampler's log-probabilities under gradient with it. Takes
+    the output of `Samples.sequences()` as keyword arguments; `first` (static) may be the prompt
+    length, which no entry of the response mask precedes.
     """
-    if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (greedy scores at 1.0)")
-    logits = tm.apply(params, config, tokens, positions=positions, segment_ids=segment_ids)
-    logits = logits[:, :-1].astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    logits = teacher_forced_logits(
+        params, config, tokens, segment_ids, positions, temperature, first
+    )
+    picked = jnp.take_along_axis(logits, tokens[:, first:, None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.concatenate([jnp.zeros_like(logp[:, :1]), logp], axis=1)
+    logp = jnp.pad(logp, ((0, 0), (first, 0)))
     # `where`, not a product: a masked slot's value never reaches the result or its gradient.
     return jnp.where(loss_mask, logp, 0.0)
 
