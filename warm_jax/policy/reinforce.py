@@ -158,10 +158,8 @@ def token_logprobs(
     logits = sampling.teacher_forced_logits(
         params, config, tokens, seq["segment_ids"], seq["positions"], temperature, first
     )
-    picked = jnp.take_along_axis(logits, tokens[:, first:, None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
     mask = seq["loss_mask"]
-    logp = jnp.where(mask, jnp.pad(logp, ((0, 0), (first, 0))), 0.0)
+    logp = sampling.scored_logprobs(logits, tokens, mask, first)
     if not with_entropy:
         return logp, None
     ent = obj.token_entropy(jax.lax.stop_gradient(logits))

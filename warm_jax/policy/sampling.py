@@ -404,9 +404,14 @@ def sequence_logprobs(
     logits = teacher_forced_logits(
         params, config, tokens, segment_ids, positions, temperature, first
     )
+    return scored_logprobs(logits, tokens, loss_mask, first)
+
+
+def scored_logprobs(logits: Array, tokens: Array, loss_mask: Array, first: int) -> Array:
+    """[B, T] log-softmax of `teacher_forced_logits(..., first)` at each next token: 0 before
+    `first` and wherever `loss_mask` is False."""
     picked = jnp.take_along_axis(logits, tokens[:, first:, None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.pad(logp, ((0, 0), (first, 0)))
+    logp = jnp.pad(picked - jax.nn.logsumexp(logits, axis=-1), ((0, 0), (first, 0)))
     # `where`, not a product: a masked slot's value never reaches the result or its gradient.
     return jnp.where(loss_mask, logp, 0.0)
 
