@@ -271,6 +271,11 @@ class _HostChunk:
     buffers: list[np.ndarray]  # the pooled memory under `flats`
 
 
+def _tree(chunk: PyTree | _HostChunk) -> PyTree:
+    """The leaves of a read, whichever way it was read."""
+    return chunk.tree if isinstance(chunk, _HostChunk) else chunk
+
+
 class _Reader:
     """Reads a subset of a checkpoint's leaves.
 
@@ -373,8 +378,7 @@ class _Reader:
                 f"in {ckpt.params_dir}: {type(e).__name__}: {e}"
             ) from None
         # Done here, on the prefetch thread, so that it overlaps with the merge kernels.
-        tree = out.tree if isinstance(out, _HostChunk) else out
-        ck.verify_fingerprints(tree, ckpt.fingerprints, f"{ckpt.label} in {ckpt.params_dir}")
+        ck.verify_fingerprints(_tree(out), ckpt.fingerprints, f"{ckpt.label} in {ckpt.params_dir}")
         return out
 
 
@@ -526,10 +530,6 @@ def make_spec(
     return MergeSpec(method, n_inputs, None, t2, float(eta), granularity, eps)
 
 
-def _trees(chunks: Sequence[PyTree | _HostChunk]) -> list[PyTree]:
-    return [c.tree if isinstance(c, _HostChunk) else c for c in chunks]
-
-
 def _average_chunk(
     read: Callable[[Checkpoint], PyTree | _HostChunk],
     inputs: Sequence[Checkpoint],
@@ -543,7 +543,7 @@ def _average_chunk(
         group = [read(c) for c in inputs[start : start + fold]]
         host = all(isinstance(g, _HostChunk) for g in group)
         # Host chunks are averaged as their flat buffers: one kernel per dtype, not per leaf.
-        trees = [g.flats for g in group] if host else _trees(group)
+        trees = [g.flats for g in group] if host else [_tree(g) for g in group]
         last = start + fold >= len(inputs)
         mean = mg.running_average_fold(
             mean, trees, coefficients[start : start + fold], dtype=trees[0] if last else None
@@ -577,20 +577,17 @@ def _merge_chunk(
         assert coefficients is not None
         return _average_chunk(read, inputs, coefficients, fold, pool)
 
-    def read_tree(c: Checkpoint) -> PyTree:
-        return _trees([read(c)])[0]
-
     assert base is not None
     kw = dict(granularity=spec.granularity, group_fn=group_fn, eps=spec.eps)
-    z = read_tree(base)
-    s = read_tree(inputs[0])
+    z = _tree(read(base))
+    s = _tree(read(inputs[0]))
     if len(inputs) == 2:
-        s = mg.slerp(z, s, read_tree(inputs[1]), spec.t, **kw)
+        s = mg.slerp(z, s, _tree(read(inputs[1])), spec.t, **kw)
     elif len(inputs) > 2:
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
         for m in range(2, len(inputs) + 1):
             # From m = 3 on, s is our own float32 buffer: let each step overwrite it.
-            s = mg.slerp_many_step(z, s, read_tree(inputs[m - 1]), m, donate=m > 2, **kw)
+            s = mg.slerp_many_step(z, s, _tree(read(inputs[m - 1])), m, donate=m > 2, **kw)
         s = mg.cast_like(s, like)
     if spec.method == "slerp":
         return s
