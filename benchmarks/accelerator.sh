@@ -32,8 +32,8 @@ run rm_train "${common[@]}" --n "$N" --shapes $SHAPES \
     --pairs tiny=64 small=64 smollm2_135m=32 --steps tiny=10 small=10 smollm2_135m=5 \
     --output "$OUT/${DEVICE}_rm_train.json"
 # shellcheck disable=SC2086
-run sampling "${common[@]}" --shapes $SHAPES --batches 1 16 64 \
+run sampling "${common[@]}" --n "$N" --shapes $SHAPES --batches 1 16 64 \
     --output "$OUT/${DEVICE}_sampling.json"
 # shellcheck disable=SC2086
-run reinforce "${common[@]}" --shapes $SHAPES --steps tiny=3 small=3 smollm2_135m=2 \
+run reinforce "${common[@]}" --n "$N" --shapes $SHAPES --steps tiny=3 small=3 smollm2_135m=2 \
     --output "$OUT/${DEVICE}_reinforce.json"

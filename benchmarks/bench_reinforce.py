@@ -103,7 +103,19 @@ def reinforce_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     def theirs() -> dict:
         return peer.call("run", steps=steps)
 
+    peak = bench_train.peak_repeats(peer, args.peak_repeats, args.n, args.dtype)
     runs = C.interleave(args.repeats, {"ours": ours, "peer": theirs})
+    frozen = 1 if RL["anchor"] == "sft" else 2  # the anchor, and SFT unless it is the anchor
+    rates = {side: C.median([r["value"] for r in runs[side]]) for side in ("ours", "peer")}
+    flops = C.flops_summary(
+        "per step: reinforce_flops (benchmarks/common.py): sampling prompts × k responses, then "
+        f"over prompt + response the policy forward + backward (3 passes) and {frozen} frozen "
+        "policies' forward passes, vocabulary projections on response slots only, and the "
+        "reward model's forward pass",
+        C.reinforce_flops(cfg, bsz * k, plen, n, frozen),
+        rates,
+        peak["peak_gflops"],
+    )
     return {
         "sort_key": f"{C.SHAPES.index(shape)}",
         "shape": shape,
@@ -137,10 +149,8 @@ def reinforce_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
         ),
         **C.paired_ratio(runs["ours"], runs["peer"]),
         "target": 2.0,
-        "ms_per_step": {
-            "ours": 1e3 / C.median([r["value"] for r in runs["ours"]]),
-            "peer": 1e3 / C.median([r["value"] for r in runs["peer"]]),
-        },
+        "ms_per_step": {side: 1e3 / rate for side, rate in rates.items()},
+        "flops": {**flops, "peak": peak},
     }
 
 

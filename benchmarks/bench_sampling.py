@@ -35,6 +35,7 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
     weight_bytes = C.dtype_bytes(args.dtype) * n_params
     bw = bench_train.bandwidth_repeats(peer, 2)
     bound = bw["bandwidth_gbs"] * 1e9 / weight_bytes
+    peak = bench_train.peak_repeats(peer, args.peak_repeats, args.n, args.dtype)
 
     cases = []
     for b in args.batches:
@@ -129,6 +130,15 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
                     "by DRAM bandwidth",
                 }
                 out["bound_fraction"] = out["ours"]["median"] / bound
+            out["flops"] = C.flops_summary(
+                "per new token: generate_flops(batch, prompt_len, new_tokens) / (batch · "
+                "new_tokens), benchmarks/common.py: 2·N per token fed (N = matmul_params), "
+                "4·n_layers·n_heads·head_dim per causally attended key, 2·V·d per vocabulary row",
+                C.generate_flops(cfg, b, plen, n) / (b * n),
+                {side: out[side]["median"] for side in ("ours", "peer")},
+                peak["peak_gflops"],
+            )
+            out["flops"]["peak"] = peak
             if out["target"] is None:
                 out.pop("target")
             return out

@@ -252,6 +252,7 @@ def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     flops_token = C.train_flops_per_token(cfg, seq_len)
     tokens_pair = 2 * seq_len
     ratio = C.paired_ratio(runs["ours"], runs["peer"])
+    ours_rate, peer_rate = (C.median([r["value"] for r in runs[k]]) for k in ("ours", "peer"))
     out = {
         "sort_key": f"{C.SHAPES.index(shape)}",
         "shape": shape,
@@ -288,19 +289,18 @@ def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
         "target": args.targets.get(shape),
         "first_step_loss_diff": abs(warm_losses[0] - peer_setup["warmup_losses"][0]),
         "flops": {
-            "formula": "per step: tokens × (6·N + 12·n_layers·n_heads·head_dim·T), N = "
-            "matmul_params (q,k,v,o,gate,up,down; no embedding lookup, no LM head), "
-            "tokens = 2·pairs·T",
+            **C.flops_summary(
+                "per pair: 2·T × (6·N + 12·n_layers·n_heads·head_dim·T), N = matmul_params "
+                "(q,k,v,o,gate,up,down; no embedding lookup, no LM head)",
+                flops_token * tokens_pair,
+                {"ours": ours_rate, "peer": peer_rate},
+                peak_gflops,
+            ),
             "flops_per_step": flops_token * pairs * tokens_pair,
-            "peak_gflops": peak_gflops,
             "peak_start": peak,
             "peak_end": peak_end,
         },
     }
-    for side in ("ours", "peer"):
-        gflops = out[side]["median"] / pairs * out["flops"]["flops_per_step"] / 1e9
-        out["flops"][f"{side}_gflops"] = gflops
-        out["flops"][f"{side}_peak_fraction"] = gflops / peak_gflops
     out["peak_fraction"] = out["flops"]["ours_peak_fraction"]
     if shape == "smollm2_135m":
         out["peak_fraction_target"] = 0.8

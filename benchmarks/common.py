@@ -94,6 +94,62 @@ def train_flops_per_token(cfg, seq_len: int, lm_head: bool = False) -> float:
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
+def forward_flops(cfg, tokens: int, attended_keys: int, lm_rows: int) -> float:
+    """Model FLOPs of one forward pass: 2·N per token (N = `matmul_params`), 4·n_heads·head_dim
+    per layer and attended key (QKᵀ and probs·V), and 2·V·d per row projected onto the
+    vocabulary. `attended_keys` is summed over the `tokens` queries: causal work, the keys each
+    query may see, not the masked slots an implementation also computes."""
+    return (
+        2.0 * matmul_params(cfg) * tokens
+        + 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * attended_keys
+        + 2.0 * lm_head_params(cfg) * lm_rows
+    )
+
+
+def causal_keys(length: int, offset: int = 0) -> int:
+    """Keys seen by `length` consecutive queries after `offset` earlier tokens, causally."""
+    return length * offset + length * (length + 1) // 2
+
+
+def generate_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Model FLOPs of sampling `new_tokens` after each of `batch` prompts with a KV cache: the
+    prompt's forward pass (vocabulary logits for its last slot), then one token per step, each
+    attending to the prompt and the tokens before it. The last new token is never fed back."""
+    prefill = forward_flops(cfg, prompt_len, causal_keys(prompt_len), 1)
+    steps = new_tokens - 1
+    decode = forward_flops(cfg, steps, causal_keys(steps, prompt_len), steps)
+    return batch * (prefill + decode)
+
+
+def reinforce_flops(
+    cfg, rows: int, prompt_len: int, new_tokens: int, frozen_policies: int = 2
+) -> float:
+    """Model FLOPs of one REINFORCE step over `rows` = prompts × samples sequences: sampling,
+    then teacher forcing over prompt + response: the policy forward and backward (3 forward
+    passes' worth), `frozen_policies` forward passes without gradient (anchor and SFT), all
+    projecting only the response's slots onto the vocabulary, and the reward model of the same
+    shape (scalar head, no vocabulary)."""
+    t = prompt_len + new_tokens
+    keys = causal_keys(t)
+    policy = forward_flops(cfg, t, keys, new_tokens)
+    reward = forward_flops(cfg, t, keys, 0)
+    scored = (3 + frozen_policies) * policy + reward
+    return generate_flops(cfg, rows, prompt_len, new_tokens) + rows * scored
+
+
+def flops_summary(formula: str, flops_per_unit: float, rates: dict, peak_gflops: float | None):
+    """GFLOP/s of each side (`rates`: side -> units per second) and, given a measured matmul
+    peak, its fraction."""
+    out = {"formula": formula, "flops_per_unit": flops_per_unit}
+    if peak_gflops:
+        out["peak_gflops"] = peak_gflops
+    for side, rate in rates.items():
+        out[f"{side}_gflops"] = rate * flops_per_unit / 1e9
+        if peak_gflops:
+            out[f"{side}_peak_fraction"] = out[f"{side}_gflops"] / peak_gflops
+    return out
+
+
 def total_params(cfg) -> int:
     """Parameters of the language model (embedding once when tied, norms; no scalar head)."""
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)

@@ -34,13 +34,14 @@ def notes(name: str, c: dict) -> str:
     dtype = (c.get("workload") or {}).get("dtype")
     if dtype and dtype != "float32":
         out.append(dtype)
-    if name == "rm_train":
-        f = c["flops"]
+    f = c.get("flops")
+    if f and "peak_gflops" in f:
         out.append(
             f"ours {f['ours_gflops']:.1f} / peer {f['peer_gflops']:.1f} GFLOP/s = "
             f"{100 * f['ours_peak_fraction']:.0f}% / {100 * f['peer_peak_fraction']:.0f}% of "
             f"peak {f['peak_gflops']:.0f}"
         )
+    if name == "rm_train":
         out.append(f"first-step loss diff {c['first_step_loss_diff']:.1e}")
         out.append(f"compile {c['ours']['compile_seconds']:.0f} s")
     elif name == "members":

@@ -119,6 +119,12 @@ def add_common(p: argparse.ArgumentParser, peer: bool = True, repeats: int = 3) 
         )
 
 
+def add_peak(p: argparse.ArgumentParser, repeats: int) -> None:
+    """The matmul peak measured in the same run: the denominator of model FLOP utilisation."""
+    p.add_argument("--peak-repeats", type=int, default=repeats, help="matmul-peak repeats per side")
+    p.add_argument("--n", type=int, default=2048, help="matmul-peak matrix size")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -152,8 +158,7 @@ def parser() -> argparse.ArgumentParser:
         help="steps per timed repeat, SHAPE=N (default tiny=8 small=2 smollm2_135m=1)",
     )
     s.add_argument("--warmup-steps", type=int, default=1)
-    s.add_argument("--peak-repeats", type=int, default=2, help="matmul-peak repeats per side")
-    s.add_argument("--n", type=int, default=2048, help="matmul-peak matrix size")
+    add_peak(s, 2)
     s.add_argument(
         "--no-fused-adamw",
         dest="fused_adamw",
@@ -189,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
         default=1.0,
         help="a timed repeat repeats the generate call until it lasts about this long",
     )
+    add_peak(s, 1)
 
     s = sub.add_parser("reinforce", help=NAMES["reinforce"], description=NAMES["reinforce"])
     add_common(s)
@@ -201,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
         "--steps", nargs="*", default=[], help="steps per timed repeat, SHAPE=N (tiny=2 small=1)"
     )
     s.add_argument("--warmup-steps", type=int, default=1)
+    add_peak(s, 1)
     s.add_argument(
         "--no-fused-adamw",
         dest="fused_adamw",
