@@ -106,7 +106,7 @@ def reinforce_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     peak = bench_train.peak_repeats(peer, args.peak_repeats, args.n, args.dtype)
     runs = C.interleave(args.repeats, {"ours": ours, "peer": theirs})
     frozen = 1 if RL["anchor"] == "sft" else 2  # the anchor, and SFT unless it is the anchor
-    rates = {side: C.median([r["value"] for r in runs[side]]) for side in ("ours", "peer")}
+    rates = C.median_rates(runs)
     flops = C.flops_summary(
         "per step: reinforce_flops (benchmarks/common.py): sampling prompts × k responses, then "
         f"over prompt + response the policy forward + backward (3 passes) and {frozen} frozen "

@@ -135,7 +135,7 @@ def sampling_cases(shape: str, peer: C.Peer, args, workdir: Path) -> list[dict]:
                 "new_tokens), benchmarks/common.py: 2·N per token fed (N = matmul_params), "
                 "4·n_layers·n_heads·head_dim per causally attended key, 2·V·d per vocabulary row",
                 C.generate_flops(cfg, b, plen, n) / (b * n),
-                {side: out[side]["median"] for side in ("ours", "peer")},
+                C.median_rates(runs),
                 peak["peak_gflops"],
             )
             out["flops"]["peak"] = peak

@@ -252,7 +252,6 @@ def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
     flops_token = C.train_flops_per_token(cfg, seq_len)
     tokens_pair = 2 * seq_len
     ratio = C.paired_ratio(runs["ours"], runs["peer"])
-    ours_rate, peer_rate = (C.median([r["value"] for r in runs[k]]) for k in ("ours", "peer"))
     out = {
         "sort_key": f"{C.SHAPES.index(shape)}",
         "shape": shape,
@@ -293,7 +292,7 @@ def rm_train_case(shape: str, peer: C.Peer, args, workdir: Path) -> dict:
                 "per pair: 2·T × (6·N + 12·n_layers·n_heads·head_dim·T), N = matmul_params "
                 "(q,k,v,o,gate,up,down; no embedding lookup, no LM head)",
                 flops_token * tokens_pair,
-                {"ours": ours_rate, "peer": peer_rate},
+                C.median_rates(runs),
                 peak_gflops,
             ),
             "flops_per_step": flops_token * pairs * tokens_pair,

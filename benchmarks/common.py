@@ -280,6 +280,11 @@ def side_summary(repeats: list[dict], unit: str, **extra: Any) -> dict:
     }
 
 
+def median_rates(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """Each side's median value over its repeats (`interleave`'s result)."""
+    return {side: median([r["value"] for r in repeats]) for side, repeats in runs.items()}
+
+
 def paired_ratio(ours: list[dict], peer: list[dict]) -> dict:
     """Ours/peer per repeat (repeat i of each side ran back to back) and their median."""
     ratios = [a["value"] / b["value"] for a, b in zip(ours, peer)]
