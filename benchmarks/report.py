@@ -1,10 +1,15 @@
-"""The results table of BENCHMARKS.md, from `benchmarks/results/*.json`:
+"""The results tables of BENCHMARKS.md, from `benchmarks/results/*.json`:
 
-.venv/bin/python benchmarks/report.py > /tmp/table.md
+    .venv/bin/python benchmarks/report.py > /tmp/table.md
+    .venv/bin/python benchmarks/report.py --plot benchmarks/speedups.png
+
+`--plot` also draws every ratio that has a target, against both peers, on one chart.
+`--results DIR` reads another directory of results (e.g. a run on another host).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -172,7 +177,101 @@ def commands(suffix: str = "", prefix: str = "") -> list[str]:
     return out
 
 
-if __name__ == "__main__":
+def targeted(suffix: str = "", merge: bool = True) -> list[dict]:
+    """Every measured ratio that has a target: {label, speedup, target, met}, in table order
+    (`met` also holds rm_train's peak-fraction target, where it has one)."""
+    out = []
+    for name in ORDER:
+        d = load(name, suffix)
+        for c in (d or {}).get("cases", []):
+            if c.get("target") is not None:
+                label = c["case"] + (" (vmapped / sequential)" if name == "members" else "")
+                out.append(
+                    {
+                        "label": label,
+                        "speedup": c["speedup"],
+                        "target": c["target"],
+                        "met": bool(c["met"]),
+                    }
+                )
+    m = (load("merge") or load("merge_bench")) if merge else None
+    for r in (m or {}).get("summary", []):
+        if r["method"] in MERGE_TARGET:
+            out.append(
+                {
+                    "label": f"merge/{r['method']}/M{r['M']} (vs mergekit)",
+                    "speedup": r["speedup_vs_mergekit"],
+                    "target": MERGE_TARGET[r["method"]],
+                    "met": r["speedup_vs_mergekit"] >= MERGE_TARGET[r["method"]],
+                }
+            )
+    return out
+
+
+def plot(path: Path) -> None:
+    """One horizontal bar per targeted ratio and peer setting, log scale, target ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "peer: torch, 2 threads": targeted(),
+        "peer: torch, 1 thread": targeted("_peer_threads1", merge=False),
+    }
+    labels = [r["label"] for r in series["peer: torch, 2 threads"]]
+    for rows_ in series.values():
+        labels += [r["label"] for r in rows_ if r["label"] not in labels]
+    if not labels:
+        raise SystemExit(f"no results with targets under {RESULTS}")
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(labels) + 1.2))
+    height = 0.38
+    for k, (legend, rows_) in enumerate(series.items()):
+        by = {r["label"]: r for r in rows_}
+        ys = [i + (k - 0.5) * height for i, lab in enumerate(labels) if lab in by]
+        xs = [by[lab]["speedup"] for lab in labels if lab in by]
+        colours = ["tab:green" if by[lab]["met"] else "tab:red" for lab in labels if lab in by]
+        ax.barh(
+            ys,
+            xs,
+            height=height,
+            color=colours,
+            alpha=1.0 if k == 0 else 0.45,
+            edgecolor="black",
+            linewidth=0.4,
+            label=legend,
+        )
+    for i, lab in enumerate(labels):
+        t = next(r["target"] for rows_ in series.values() for r in rows_ if r["label"] == lab)
+        ax.plot([t, t], [i - 0.45, i + 0.45], color="black", linewidth=1.5)
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ticks = [0.5, 1, 2, 5, 10, 20]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ours / peer (higher = warm_jax faster; black tick = target)")
+    ax.set_title(
+        "green: target met, red: missed; solid: peer torch on 2 threads\n"
+        "(mergekit for merges, sequential members for vmapped), faded: torch on 1 thread",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> int:
+    global RESULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="directory of NAME.json results")
+    p.add_argument("--plot", type=Path, default=None, help="also write the ratios chart (PNG)")
+    args = p.parse_args()
+    if not args.results.is_dir():
+        p.error(f"--results {args.results}: not a directory")
+    RESULTS = args.results
     print("\n".join(rows()))
     print()
     print("\n".join(commands()))
@@ -184,4 +283,11 @@ if __name__ == "__main__":
     for device in sorted({p.name.split("_", 1)[0] for p in RESULTS.glob("cuda_*.json")}):
         print(f"\n## on {device} (benchmarks/accelerator.sh)\n")
         print("\n".join(rows(merge=False, prefix=f"{device}_")))
-    sys.exit(0)
+    if args.plot is not None:
+        plot(args.plot)
+        print(f"\nwrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
