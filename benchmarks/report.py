@@ -151,11 +151,16 @@ def rows(suffix: str = "", merge: bool = True, prefix: str = "") -> list[str]:
 MERGE_TARGET = {"average": 2.0}  # warm-jax merge --method average vs mergekit linear
 
 
+def merge_met(r: dict) -> bool:
+    """Whether a merge row with a target (a method in MERGE_TARGET) meets it."""
+    return r["speedup_vs_mergekit"] >= MERGE_TARGET[r["method"]]
+
+
 def merge_target(r: dict) -> str:
     t = MERGE_TARGET.get(r["method"])
     if t is None:
         return "— | —"
-    return f"≥ {t:g}x | {'met' if r['speedup_vs_mergekit'] >= t else '**missed**'}"
+    return f"≥ {t:g}x | {'met' if merge_met(r) else '**missed**'}"
 
 
 def merge_load(m: dict, r: dict) -> str:
@@ -208,7 +213,7 @@ def targeted(suffix: str = "", merge: bool = True) -> list[dict]:
                     "label": f"merge/{r['method']}/M{r['M']} (vs mergekit)",
                     "speedup": r["speedup_vs_mergekit"],
                     "target": MERGE_TARGET[r["method"]],
-                    "met": r["speedup_vs_mergekit"] >= MERGE_TARGET[r["method"]],
+                    "met": merge_met(r),
                 }
             )
     return out
@@ -247,9 +252,9 @@ def plot(path: Path) -> None:
             linewidth=0.4,
             label=legend,
         )
+    target = {r["label"]: r["target"] for rows_ in series.values() for r in rows_}
     for i, lab in enumerate(labels):
-        t = next(r["target"] for rows_ in series.values() for r in rows_ if r["label"] == lab)
-        ax.plot([t, t], [i - 0.45, i + 0.45], color="black", linewidth=1.5)
+        ax.plot([target[lab]] * 2, [i - 0.45, i + 0.45], color="black", linewidth=1.5)
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
     ticks = [0.5, 1, 2, 5, 10, 20]
